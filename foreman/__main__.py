@@ -1,0 +1,7 @@
+"""`python -m foreman` is `python foreman.py`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

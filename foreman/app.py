@@ -1,0 +1,164 @@
+"""The WSGI application: routing, authentication, error answers, access log.
+
+Routes come from the API modules as Werkzeug Rules whose endpoints are their
+handlers.  Authentication is decided on the route the Map matched, so the
+only unauthenticated route is exactly the one declared public: a path that
+does not match (another spelling, another method) needs the token like
+everything else.  Every exception a handler raises becomes a JSON answer here,
+through `errors.error_response`, and every request is logged once, when its
+body is done.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.routing import Map, RequestRedirect, Rule
+from werkzeug.wrappers import Request
+
+from .api import RequestInfo
+from .errors import ApiError, TargetHTTPError, TargetUnreachable, error_response
+from .relay import StartResponse
+
+access_log = logging.getLogger("foreman.access")
+log = logging.getLogger("foreman.app")
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class _Finished:
+    """Wraps a response body to learn when it is done, adding no per-chunk work."""
+
+    def __init__(self, body: Iterable[bytes], on_done: Callable[[], None]) -> None:
+        self._body, self._on_done = body, on_done
+
+    def __iter__(self) -> Iterator[bytes]:
+        return iter(self._body)
+
+    def close(self) -> None:
+        try:
+            close = getattr(self._body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self._on_done()
+
+
+class ForemanApp:
+    def __init__(self, rules: list[Rule], public: set[Callable[..., Any]], token: str,
+                 max_body: int) -> None:
+        self._map = Map(rules, merge_slashes=False, redirect_defaults=False)
+        self._public = public
+        self._token = token.encode()
+        self._max_body = max_body
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._idle = threading.Condition(self._active_lock)
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no request is in progress, or `timeout` passes."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._active == 0, timeout)
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        started = time.monotonic()
+        supplied_id = environ.get("HTTP_X_REQUEST_ID", "")
+        info = RequestInfo(supplied_id if _REQUEST_ID.match(supplied_id) else uuid.uuid4().hex)
+        environ["foreman.info"] = info
+        status_seen = ["500"]
+
+        def recording_start_response(status: str, headers: list[tuple[str, str]],
+                                     exc_info: Any = None) -> Any:
+            status_seen[0] = status.split(" ", 1)[0]
+            headers.append(("X-Request-Id", info.request_id))
+            if info.waited_ms is not None:
+                headers.append(("X-Foreman-Queue-Wait-Ms", str(info.waited_ms)))
+            return start_response(status, headers, exc_info)
+
+        def done() -> None:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+            access_log.info(
+                "%s %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                status_seen[0],
+                extra={"fields": {
+                    "ms": round((time.monotonic() - started) * 1000, 1),
+                    "model": info.model or None,
+                    "wait_ms": info.waited_ms,
+                    "id": info.request_id,
+                }},
+            )
+
+        with self._idle:
+            self._active += 1
+        try:
+            body = self._dispatch(environ)(environ, recording_start_response)
+        except BaseException:
+            done()
+            raise
+        return _Finished(body, done)
+
+    def _dispatch(self, environ: dict[str, Any]) -> Callable[..., Iterable[bytes]]:
+        request = Request(environ)
+        request.max_content_length = self._max_body
+        openai = request.path.startswith("/v1/")
+        try:
+            try:
+                endpoint, values = self._map.bind_to_environ(environ).match()
+            except (HTTPException, RequestRedirect) as exc:
+                endpoint, values, routing_error = None, {}, exc
+            else:
+                routing_error = None
+            if endpoint not in self._public:
+                self._authenticate(request)
+            if routing_error is not None:
+                raise _routing_failure(routing_error, request)
+            return endpoint(request, **values)
+        except HTTPException as exc:
+            code = exc.code or 500
+            text = _WERKZEUG_TEXT.get(code, exc.name.lower())
+            return error_response(ApiError(code, text), openai)
+        except ApiError as exc:
+            return error_response(exc, openai)
+        except (TargetHTTPError, TargetUnreachable) as exc:
+            log.warning("%s %s: %s", request.method, request.path, exc)
+            return error_response(exc, openai)
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(exc, openai)
+
+    def _authenticate(self, request: Request) -> None:
+        if not self._token:
+            return
+        scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and supplied and hmac.compare_digest(
+            supplied.strip().encode(), self._token
+        ):
+            return
+        raise ApiError(401, "unauthorized: a valid bearer token is required",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+def _routing_failure(exc: Exception, request: Request) -> ApiError:
+    if isinstance(exc, MethodNotAllowed):
+        allowed = ", ".join(sorted(exc.valid_methods or ()))
+        return ApiError(405, f"method {request.method} not allowed on {request.path}",
+                        {"Allow": allowed})
+    return ApiError(404, f"no such route: {request.path}")
+
+
+_WERKZEUG_TEXT = {413: "request body too large", 400: "malformed request"}
+

@@ -1,0 +1,73 @@
+"""The command line: serve, check a config, or talk to a running daemon's jobs.
+
+`python foreman.py -c config.yaml` serves until SIGTERM or SIGINT, then
+drains.  `--check` validates the config and prints it with secrets redacted.
+A config problem is one line on stderr and exit status 2, before any port is
+bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+import yaml
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+from .daemon import build_daemon
+from .logs import configure_logging
+
+EXIT_CONFIG = 2
+
+log = logging.getLogger("foreman")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="foreman", description="A queueing, caching front for one Ollama server."
+    )
+    top.add_argument("-c", "--config", help="YAML config file (default: built-in defaults)")
+    top.add_argument("--check", action="store_true",
+                     help="validate the config, print it with secrets redacted, and exit")
+    top.add_argument("--version", action="version", version=f"foreman {__version__}")
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"foreman: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check:
+        print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
+        return 0
+    return serve(config)
+
+
+def serve(config: Config) -> int:
+    configure_logging(config.log.level, config.log.format)
+    try:
+        daemon = build_daemon(config)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
+        return 1
+    stop = threading.Event()
+
+    def request_stop(signum: int, frame: object) -> None:
+        log.info("received %s: draining", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    daemon.start()
+    while not stop.wait(0.5):
+        pass
+    daemon.shutdown()
+    return 0

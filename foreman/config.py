@@ -1,0 +1,306 @@
+"""Configuration: the YAML file's schema, its parsing and its validation.
+
+The key layout is the public contract.  Every key is declared once, as a
+dataclass field whose metadata names the parser for its value, so the schema,
+the defaults, the unknown-key check and the redacted dump all come from one
+place.  Any problem is a ConfigError naming the file, the key path and what is
+wrong.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+SECRET_KEYS = frozenset({"token"})
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the operator: `file: key.path: what is wrong`."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        self.source, self.key, self.problem = source, key, problem
+        where = f"{source}: {key}: " if key else f"{source}: "
+        super().__init__(where + problem)
+
+
+class _ValueProblem(ValueError):
+    """Raised by a value parser; the loader adds file and key path."""
+
+
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_NUMBER_WITH_UNIT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from a number of seconds or a string such as `250ms`, `30s`, `5m`, `1h`."""
+    if isinstance(value, bool):
+        raise _ValueProblem(f"expected a duration such as 30s or 5m, got {value!r}")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        match = _NUMBER_WITH_UNIT.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if unit not in _DURATION_UNITS:
+            raise _ValueProblem(
+                f"expected a duration such as 250ms, 30s, 5m or 1h, got {value!r}"
+            )
+        seconds = float(match.group(1)) * _DURATION_UNITS[unit]
+    if seconds < 0:
+        raise _ValueProblem(f"a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from a number of bytes or a string such as `64MB`."""
+    if isinstance(value, bool):
+        raise _ValueProblem(f"expected a size such as 64MB, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _NUMBER_WITH_UNIT.match(str(value))
+        unit = match.group(2).lower() if match else None
+        if unit not in _SIZE_UNITS:
+            raise _ValueProblem(f"expected a size such as 512KB, 64MB or 1GB, got {value!r}")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size <= 0:
+        raise _ValueProblem(f"a size must be positive, got {value!r}")
+    return size
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _ValueProblem(f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if _non_negative_int(value) == 0:
+        raise _ValueProblem(f"expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _ValueProblem(f"expected true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise _ValueProblem(f"expected a string, got {value!r}")
+    return str(value)
+
+
+def _one_of(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _string(value).lower()
+        if text not in choices:
+            raise _ValueProblem(f"expected one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _http_url(value: Any) -> str:
+    text = _string(value).rstrip("/")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _ValueProblem(f"expected an http(s) URL such as http://127.0.0.1:11434: {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise _ValueProblem(f"the URL has an invalid port: {value!r}") from None
+    return text
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen(value: Any) -> ListenAddress:
+    text = _string(value).strip()
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise _ValueProblem(f"expected host:port such as 127.0.0.1:11435, got {value!r}")
+    return ListenAddress(host, int(port))
+
+
+def _key(parser: Callable[[Any], Any], default: Any) -> Any:
+    return field(default=default, metadata={"parse": parser})
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    url: str = _key(_http_url, "http://127.0.0.1:11434")
+    token: str = _key(_string, "")
+    connect_timeout: float = _key(parse_duration, 5.0)
+    read_timeout: float = _key(parse_duration, 600.0)
+    allow_admin: bool = _key(_boolean, False)
+
+
+@dataclass(frozen=True)
+class InventoryConfig:
+    poll_interval: float = _key(parse_duration, 10.0)
+
+
+@dataclass(frozen=True)
+class EmbedderConfig:
+    model: str = _key(_string, "")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    concurrency: int = _key(_positive_int, 1)
+    max_queue: int = _key(_non_negative_int, 64)
+    max_wait: float = _key(parse_duration, 0.0)
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    concurrency: int = _key(_non_negative_int, 0)
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    db: str = _key(_string, "foreman.db")
+    max_attempts: int = _key(_positive_int, 3)
+    retention: float = _key(parse_duration, 7 * 86400.0)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    threads: int = _key(_non_negative_int, 0)
+    max_body: int = _key(parse_size, 64 * 1024**2)
+    drain_timeout: float = _key(parse_duration, 30.0)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = _key(_one_of("debug", "info", "warning", "error"), "info")
+    format: str = _key(_one_of("text", "json"), "text")
+
+
+# Threads beyond the chat slot's holders, so health checks, inventory reads and
+# embeddings are served even when every waiter's thread is parked.
+THREAD_HEADROOM = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: ListenAddress = _key(parse_listen, ListenAddress("127.0.0.1", 11435))
+    token: str = _key(_string, "")
+    target: TargetConfig = _section(TargetConfig)
+    inventory: InventoryConfig = _section(InventoryConfig)
+    embedder: EmbedderConfig = _section(EmbedderConfig)
+    chat: ChatConfig = _section(ChatConfig)
+    embed: EmbedConfig = _section(EmbedConfig)
+    jobs: JobsConfig = _section(JobsConfig)
+    server: ServerConfig = _section(ServerConfig)
+    log: LogConfig = _section(LogConfig)
+
+    @property
+    def threads(self) -> int:
+        """The waitress pool size: enough for every waiter and holder, plus headroom."""
+        if self.server.threads:
+            return self.server.threads
+        return self.chat.max_queue + self.chat.concurrency + THREAD_HEADROOM
+
+    def redacted(self) -> dict[str, Any]:
+        """The resolved settings as plain data, with every secret replaced."""
+
+        def walk(node: Any) -> Any:
+            if not dataclasses.is_dataclass(node) or isinstance(node, ListenAddress):
+                return str(node) if isinstance(node, ListenAddress) else node
+            out = {}
+            for f in dataclasses.fields(node):
+                value = walk(getattr(node, f.name))
+                if f.name in SECRET_KEYS and value:
+                    value = "<redacted>"
+                out[f.name] = value
+            return out
+
+        resolved = walk(self)
+        resolved["server"]["threads"] = self.threads
+        return resolved
+
+
+def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(source, prefix, f"expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, raw in data.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        spec = fields.get(key) if isinstance(key, str) else None
+        if spec is None:
+            known = ", ".join(fields)
+            raise ConfigError(source, path, f"unknown key (known keys here: {known})")
+        if "parse" in spec.metadata:
+            try:
+                values[key] = spec.metadata["parse"](raw)
+            except _ValueProblem as problem:
+                raise ConfigError(source, path, str(problem)) from None
+        else:
+            values[key] = _build(spec.default_factory, raw, source, path)
+    return cls(**values)
+
+
+def parse_config(data: Any, source: str = "<config>") -> Config:
+    """Validate already-loaded YAML data (a mapping, or None for all defaults)."""
+    return _build(Config, data, source, "")
+
+
+def load_config(
+    path: str | None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Load and validate the config file (or the defaults when path is None).
+
+    FOREMAN_TOKEN and FOREMAN_TARGET_TOKEN in `environ` override the tokens.
+    """
+    environ = os.environ if environ is None else environ
+    source = path or "<defaults>"
+    data: Any = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = yaml.safe_load(handle)
+        except OSError as exc:
+            raise ConfigError(source, "", f"cannot read the file: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
+    config = parse_config(data, source)
+    if "FOREMAN_TOKEN" in environ:
+        config = dataclasses.replace(config, token=environ["FOREMAN_TOKEN"])
+    if "FOREMAN_TARGET_TOKEN" in environ:
+        config = dataclasses.replace(
+            config,
+            target=dataclasses.replace(config.target, token=environ["FOREMAN_TARGET_TOKEN"]),
+        )
+    return config

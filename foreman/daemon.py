@@ -1,0 +1,100 @@
+"""Where foreman is assembled: every piece is built here, from the config, once.
+
+Nothing else constructs a collaborator for itself; `build_daemon` is the one
+function that knows the whole shape, and `Daemon` starts and stops the pieces
+in order.  Tests build the same daemon on an ephemeral port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+
+from .api import OllamaApi
+from .app import ForemanApp
+from .config import Config
+from .inventory import Inventory
+from .server import Server
+from .slot import ChatSlot
+from .target import TargetClient
+from .warmup import EmbedderWarmer
+from .watch import ClientWatcher
+
+log = logging.getLogger("foreman")
+
+
+@dataclass
+class Daemon:
+    config: Config
+    client: TargetClient
+    inventory: Inventory
+    slot: ChatSlot
+    watcher: ClientWatcher
+    warmer: EmbedderWarmer | None
+    app: ForemanApp
+    server: Server
+    _serving: threading.Thread | None = dataclasses.field(default=None, init=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.server.host}:{self.server.port}"
+
+    def start(self) -> None:
+        """Start the background pieces and serve on a thread; returns at once."""
+        self.watcher.start()
+        if self.warmer is not None:
+            self.warmer.start()
+        self.inventory.start()
+        self._serving = threading.Thread(target=self.server.serve, name="foreman-server",
+                                         daemon=True)
+        self._serving.start()
+        log.info("foreman serving on %s, target %s", self.url, self.client.display_url)
+
+    def shutdown(self, drain_timeout: float | None = None) -> bool:
+        """Stop accepting, let in-flight work finish (up to the drain timeout), stop.
+
+        Returns whether everything in flight finished in time.
+        """
+        drain = self.config.server.drain_timeout if drain_timeout is None else drain_timeout
+        self.server.stop_accepting()
+        self.slot.close("foreman is shutting down")
+        drained = self.app.wait_idle(drain)
+        if not drained:
+            log.warning("drain timeout: %d requests still in flight are cut", self.app.active)
+        self.inventory.stop()
+        if self.warmer is not None:
+            self.warmer.stop()
+        self.watcher.stop()
+        self.server.close()
+        self.client.close()
+        log.info("foreman stopped")
+        return drained
+
+
+def build_daemon(config: Config) -> Daemon:
+    threads = config.threads
+    client = TargetClient(
+        config.target.url,
+        config.target.token,
+        config.target.connect_timeout,
+        config.target.read_timeout,
+        pool_size=threads + 4,
+    )
+    inventory = Inventory(client, config.inventory.poll_interval)
+    slot = ChatSlot(config.chat.concurrency, config.chat.max_queue)
+    watcher = ClientWatcher()
+    warmer = None
+    if config.embedder.model:
+        warmer = EmbedderWarmer(client, config.embedder.model, config.inventory.poll_interval)
+        inventory.on_reachable(warmer.request)
+    api = OllamaApi(
+        client, inventory, slot, watcher,
+        max_wait=config.chat.max_wait,
+        embed_concurrency=config.embed.concurrency,
+        allow_admin=config.target.allow_admin,
+    )
+    app = ForemanApp(api.rules(), {api.health}, config.token, config.server.max_body)
+    server = Server(app, config.listen.host, config.listen.port, threads, config.server.max_body)
+    return Daemon(config, client, inventory, slot, watcher, warmer, app, server)

@@ -1,0 +1,88 @@
+"""The exceptions foreman decides on, and the one place they become HTTP answers.
+
+A target that cannot be reached and a target that answered with an error are
+different failures with different remedies, so they are different types.
+foreman's own refusals (bad input, busy, not found) are ApiError.  Everything
+above the target client raises these; `error_response` maps them to a
+status and a body in the shape the route's clients expect (Ollama's
+`{"error": "..."}`, or OpenAI's nested object on /v1).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from werkzeug.wrappers import Response
+
+
+class TargetUnreachable(Exception):
+    """The target could not be reached, timed out, or dropped the connection."""
+
+
+class TargetHTTPError(Exception):
+    """The target answered with an HTTP error status."""
+
+    def __init__(self, status: int, body: bytes, content_type: str = "") -> None:
+        self.status, self.body, self.content_type = status, body, content_type
+        super().__init__(f"target answered {status}: {self.message}")
+
+    @property
+    def message(self) -> str:
+        """The target's error text, from Ollama's `{"error": ...}` when it has one."""
+        try:
+            error = json.loads(self.body).get("error")
+        except (ValueError, AttributeError):
+            error = None
+        if isinstance(error, dict):
+            error = error.get("message")
+        if isinstance(error, str) and error:
+            return error
+        return self.body[:200].decode("utf-8", "replace").strip() or f"HTTP {self.status}"
+
+
+@dataclass
+class ApiError(Exception):
+    """A refusal foreman makes itself, carried to the client as JSON."""
+
+    status: int
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        return f"{self.status} {self.message}"
+
+
+BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
+
+_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
+
+
+def error_body(status: int, message: str, openai: bool = False) -> bytes:
+    if openai:
+        error: object = {
+            "message": message,
+            "type": _OPENAI_ERROR_TYPES.get(status, "api_error"),
+            "param": None,
+            "code": None,
+        }
+    else:
+        error = message
+    return json.dumps({"error": error}).encode()
+
+
+def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(body, status=status, headers=headers, content_type="application/json")
+
+
+def error_response(exc: Exception, openai: bool = False) -> Response:
+    """The HTTP answer for any failure; unknown exceptions become a generic 500."""
+    if isinstance(exc, ApiError):
+        return json_response(exc.status, error_body(exc.status, exc.message, openai), exc.headers)
+    if isinstance(exc, TargetHTTPError):
+        if exc.content_type.startswith("application/json"):
+            return json_response(exc.status, exc.body)
+        return json_response(exc.status, error_body(exc.status, exc.message, openai))
+    if isinstance(exc, TargetUnreachable):
+        return json_response(502, error_body(502, f"ollama is unreachable: {exc}", openai))
+    return json_response(500, error_body(500, "internal error in foreman (see its log)", openai))

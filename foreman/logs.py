@@ -1,0 +1,58 @@
+"""Log set-up: one line per event, as text or as JSON objects.
+
+Call sites log a short message and put structured facts in `extra={"fields":
+{...}}`; the text format appends them as key=value, the JSON format merges
+them into the object.  Nothing here ever sees a token or a request body: the
+callers never pass them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import IO, Any
+
+LOGGERS = ("foreman", "waitress")
+
+
+class TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        line = f"{stamp} {record.levelname.lower():7} {record.name}: {record.getMessage()}"
+        fields: dict[str, Any] = getattr(record, "fields", {})
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def configure_logging(level: str, fmt: str, stream: IO[str] | None = None) -> logging.Handler:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    for name in LOGGERS:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.propagate = False
+    logging.getLogger("foreman").setLevel(level.upper())
+    logging.getLogger("waitress").setLevel(logging.WARNING)
+    return handler

@@ -1,0 +1,121 @@
+"""Turns a target response into the WSGI response the client receives.
+
+Streams (NDJSON, and server-sent events on /v1) are relayed as they arrive,
+one upstream line per chunk written to the client, bytes untouched.  Anything
+else is read whole and sent with its length.  Hop-by-hop headers and the
+upstream framing headers are never copied: waitress frames the body itself.
+
+A streamed body's `close()` is the single place its resources are released
+(the upstream connection, the chat-slot lease, the disconnect watch): waitress
+calls it when the stream ends, when a write to a departed client fails, and
+for HEAD, where the iterator never starts.
+"""
+
+from __future__ import annotations
+
+import http
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from .errors import TargetUnreachable, error_body
+from .target import Upstream
+
+StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+
+_NOT_COPIED = frozenset({
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+    "trailer", "trailers", "transfer-encoding", "upgrade", "content-length",
+    "content-encoding", "server", "date",
+})
+
+
+def status_line(code: int) -> str:
+    try:
+        return f"{code} {http.HTTPStatus(code).phrase}"
+    except ValueError:
+        return f"{code} Unknown"
+
+
+def relayed_headers(upstream: Upstream, extra: dict[str, str]) -> list[tuple[str, str]]:
+    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_COPIED]
+    headers.extend(extra.items())
+    return headers
+
+
+class StreamedBody:
+    """A WSGI app and its body iterable: relays a streaming target response."""
+
+    def __init__(self, upstream: Upstream, extra_headers: dict[str, str],
+                 on_close: list[Callable[[], None]]) -> None:
+        self._upstream = upstream
+        self._headers = relayed_headers(upstream, extra_headers)
+        self._on_close = on_close
+        self._sse = upstream.content_type.startswith("text/event-stream")
+        self._gen: Iterator[bytes] | None = None
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self.chunks = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> StreamedBody:
+        start_response(status_line(self._upstream.status), self._headers)
+        return self
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._gen = self._relay()
+        return self._gen
+
+    def _relay(self) -> Iterator[bytes]:
+        try:
+            if self._sse:
+                for chunk in self._upstream.chunks():
+                    self.chunks += 1
+                    yield chunk
+            else:
+                for line in self._upstream.lines():
+                    self.chunks += 1
+                    yield line + b"\n"
+        except TargetUnreachable as exc:
+            # As Ollama does: an error after the stream started is a last line.
+            if self._sse:
+                yield b"data: " + error_body(502, str(exc), openai=True) + b"\n\n"
+            else:
+                yield error_body(502, str(exc)) + b"\n"
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            if self._gen is not None:
+                self._gen.close()
+            self._upstream.close()
+        finally:
+            for callback in self._on_close:
+                callback()
+
+
+def relay(upstream: Upstream, extra_headers: dict[str, str],
+          on_close: list[Callable[[], None]], head: bool = False) -> WSGIApp:
+    """The response for `upstream`; `on_close` callbacks run exactly once, when it is done."""
+    ctype = upstream.content_type
+    if ctype.startswith("application/x-ndjson") or ctype.startswith("text/event-stream"):
+        return StreamedBody(upstream, extra_headers, on_close)
+    try:
+        body = upstream.read()
+    finally:
+        upstream.close()
+        for callback in on_close:
+            callback()
+    headers = relayed_headers(upstream, extra_headers)
+    length = upstream.headers.get("Content-Length", "0") if head else str(len(body))
+    headers.append(("Content-Length", length))
+
+    def buffered(environ: dict[str, Any], start_response: StartResponse) -> list[bytes]:
+        start_response(status_line(upstream.status), headers)
+        return [body]
+
+    return buffered
+

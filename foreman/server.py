@@ -1,0 +1,66 @@
+"""The waitress server foreman runs under, with the graceful stop waitress lacks.
+
+waitress is tuned here for a proxy of long streams: lookahead so a departed
+client is noticed, no `Server` header (Ollama sends none), and a pool sized
+by the config.  `stop_accepting` closes only the listening socket, from
+waitress's own loop, so in-flight responses carry on; `close` then ends
+everything.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from waitress import create_server, wasyncore
+
+# Request bodies up to this size are read (spooled to disk past 512 KB) so the
+# application can answer an oversized one with its own JSON 413.
+_WAITRESS_BODY_LIMIT = 1024**3
+
+
+class Server:
+    def __init__(self, app: Any, host: str, port: int, threads: int, max_body: int) -> None:
+        self._server = create_server(
+            app,
+            host=host,
+            port=port,
+            threads=threads,
+            channel_request_lookahead=1,
+            ident="",
+            connection_limit=max(1000, threads * 4),
+            max_request_body_size=max(_WAITRESS_BODY_LIMIT, max_body + 1),
+            clear_untrusted_proxy_headers=True,
+        )
+        self._stopped = threading.Event()
+
+    @property
+    def host(self) -> str:
+        return str(self._server.effective_host)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.effective_port)
+
+    def serve(self) -> None:
+        """Run waitress's loop on this thread until `close`."""
+        try:
+            self._server.run()
+        finally:
+            self._stopped.set()
+
+    def stop_accepting(self) -> None:
+        listener = self._server
+
+        def close_listener() -> None:
+            # The dispatcher's own close() would take the loop's trigger with it.
+            wasyncore.dispatcher.close(listener)
+
+        self._server.trigger.pull_trigger(close_listener)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close every connection and stop the loop and its worker threads."""
+        server = self._server
+        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        self._stopped.wait(timeout)
+        server.task_dispatcher.shutdown(timeout=timeout)

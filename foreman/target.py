@@ -1,0 +1,242 @@
+"""The only module that speaks HTTP to the target Ollama.
+
+It owns one `requests.Session`, configured once: a pool as large as the
+server's thread count, no proxies from the environment, the target's bearer
+token on every request, and the target's own Host.  Failures leave this module
+as TargetUnreachable or TargetHTTPError only.
+
+An in-flight request can be aborted from another thread with an AbortSignal:
+shutting down its socket is what tells Ollama to stop generating, and it works
+both while waiting for the response headers (prompt processing) and while the
+body streams.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+
+from .errors import TargetHTTPError, TargetUnreachable
+
+# What a failed exchange with the target looks like from below this module.
+_TRANSPORT_ERRORS = (requests.RequestException, OSError)
+
+
+class AbortSignal:
+    """Lets one thread cut another thread's request to the target.
+
+    The pool attaches each connection it hands out to the signal bound to the
+    requesting thread, and detaches it when the connection goes back to the
+    pool, so an abort can never hit a connection that now serves someone else.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: Any = None
+        self.aborted = False
+
+    def abort(self) -> None:
+        """Idempotent; call again if it may have raced a connection being opened."""
+        with self._lock:
+            self.aborted = True
+            sock = getattr(self._conn, "sock", None)
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def _attach(self, conn: Any) -> None:
+        with self._lock:
+            self._conn = conn
+            conn.foreman_abort_signal = self
+
+    def _detach(self, conn: Any) -> None:
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+
+
+_bound = threading.local()
+
+
+class _AbortablePoolMixin:
+    def _get_conn(self, timeout: float | None = None) -> Any:
+        conn = super()._get_conn(timeout)  # type: ignore[misc]
+        signal = getattr(_bound, "signal", None)
+        if signal is not None:
+            if signal.aborted:
+                super()._put_conn(conn)  # type: ignore[misc]
+                raise TargetUnreachable("request aborted")
+            signal._attach(conn)
+        return conn
+
+    def _put_conn(self, conn: Any) -> None:
+        signal = getattr(conn, "foreman_abort_signal", None)
+        if signal is not None:
+            conn.foreman_abort_signal = None
+            signal._detach(conn)
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _AbortableHTTPPool(_AbortablePoolMixin, HTTPConnectionPool):
+    pass
+
+
+class _AbortableHTTPSPool(_AbortablePoolMixin, HTTPSConnectionPool):
+    pass
+
+
+class Upstream:
+    """A response from the target whose body has not been read yet.
+
+    Body access translates transport failures to TargetUnreachable, so callers
+    never see `requests` exceptions.
+    """
+
+    def __init__(self, response: requests.Response, abort: AbortSignal | None) -> None:
+        self._response = response
+        self._abort = abort
+        self.status: int = response.status_code
+        self.headers = response.headers
+        self.content_type: str = response.headers.get("Content-Type", "")
+
+    def lines(self) -> Iterator[bytes]:
+        """Non-empty NDJSON lines, as bytes, each as soon as it is complete."""
+        try:
+            for line in self._response.iter_lines(chunk_size=65536):
+                if line:
+                    yield line
+        except _TRANSPORT_ERRORS as exc:
+            raise self._unreachable(exc) from None
+
+    def chunks(self) -> Iterator[bytes]:
+        """The body as the target sends it, chunk by chunk."""
+        try:
+            yield from self._response.iter_content(chunk_size=None)
+        except _TRANSPORT_ERRORS as exc:
+            raise self._unreachable(exc) from None
+
+    def read(self) -> bytes:
+        try:
+            return self._response.content
+        except _TRANSPORT_ERRORS as exc:
+            raise self._unreachable(exc) from None
+
+    def close(self) -> None:
+        self._response.close()
+
+    def _unreachable(self, exc: BaseException) -> TargetUnreachable:
+        if self._abort is not None and self._abort.aborted:
+            return TargetUnreachable("request aborted")
+        return TargetUnreachable(f"connection to ollama lost mid-response ({type(exc).__name__})")
+
+
+class TargetClient:
+    """HTTP to the one target Ollama, shared by every thread."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str = "",
+        connect_timeout: float = 5.0,
+        read_timeout: float = 600.0,
+        pool_size: int = 10,
+    ) -> None:
+        self.url = url.rstrip("/")
+        parts = urlsplit(self.url)
+        # Credentials in the URL must never reach a log line or an error message.
+        self.display_url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        self._timeout = (connect_timeout, read_timeout)
+        session = requests.Session()
+        session.trust_env = False
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        adapter.poolmanager.pool_classes_by_scheme = {
+            "http": _AbortableHTTPPool,
+            "https": _AbortableHTTPSPool,
+        }
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        # Bodies are re-streamed byte for byte; compression would only cost CPU.
+        session.headers.clear()
+        session.headers.update({"Accept-Encoding": "identity", "User-Agent": "foreman"})
+        if token:
+            session.headers["Authorization"] = f"Bearer {token}"
+        self._session = session
+
+    def open(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        content_type: str | None = None,
+        abort: AbortSignal | None = None,
+        read_timeout: float | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Upstream:
+        """Send a request and return once the response headers arrived.
+
+        Any status is returned as is; only transport failures raise.
+        """
+        headers = dict(headers or {})
+        if content_type:
+            headers["Content-Type"] = content_type
+        timeout = self._timeout if read_timeout is None else (self._timeout[0], read_timeout)
+        _bound.signal = abort
+        try:
+            response = self._session.request(
+                method, self.url + path, data=body, headers=headers, stream=True,
+                timeout=timeout, allow_redirects=False,
+            )
+        except _TRANSPORT_ERRORS as exc:
+            if abort is not None and abort.aborted:
+                raise TargetUnreachable("request aborted") from None
+            raise TargetUnreachable(_describe(exc, self.display_url)) from None
+        finally:
+            _bound.signal = None
+        return Upstream(response, abort)
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        payload: Any = None,
+        abort: AbortSignal | None = None,
+        read_timeout: float | None = None,
+    ) -> tuple[bytes, Any]:
+        """A JSON request whose whole answer is wanted: returns (raw body, parsed JSON).
+
+        A non-2xx answer raises TargetHTTPError; a 2xx answer that is not JSON
+        raises TargetHTTPError too, since nothing above can use it.
+        """
+        body = None if payload is None else json.dumps(payload).encode()
+        upstream = self.open(
+            method, path, body, "application/json" if body is not None else None,
+            abort, read_timeout,
+        )
+        try:
+            raw = upstream.read()
+        finally:
+            upstream.close()
+        if not 200 <= upstream.status < 300:
+            raise TargetHTTPError(upstream.status, raw, upstream.content_type)
+        try:
+            return raw, json.loads(raw)
+        except ValueError:
+            raise TargetHTTPError(upstream.status, raw, upstream.content_type) from None
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _describe(exc: BaseException, url: str) -> str:
+    if isinstance(exc, requests.Timeout):
+        return f"ollama at {url} timed out"
+    return f"cannot reach ollama at {url}"

@@ -1,0 +1,586 @@
+"""A fake Ollama for tests: a real HTTP/1.1 server on loopback speaking Ollama's wire protocol.
+
+It streams chunked NDJSON (and SSE on /v1) one token per chunk at a set rate,
+answers with Ollama's real error bodies and statuses, refuses a non-local
+Host with an empty 403 as Ollama does, can require a bearer token, and records
+what it received: headers, bodies, peak concurrency of generations and of
+embeddings, and streams whose client went away.  Faults can be queued per
+route.  It can be stopped (cutting every open connection) and started again
+on the same port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import select
+import socket
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+CREATED_AT = "2026-11-26T10:00:00.123456789Z"
+
+
+def model_entry(name: str, size: int = 4_000_000_000) -> dict[str, Any]:
+    digest = hashlib.sha256(name.encode()).hexdigest()
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2026-11-01T09:30:00.123456789+01:00",
+        "size": size,
+        "digest": digest,
+        "details": {
+            "parent_model": "", "format": "gguf", "family": "llama", "families": ["llama"],
+            "parameter_size": "8.0B", "quantization_level": "Q4_K_M",
+        },
+    }
+
+
+def embedding_for(text: str, dims: int = 8) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    return [round((b - 128) / 128, 6) for b in digest[:dims]]
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body) if self.body else None
+
+
+@dataclass
+class Fault:
+    """One queued misbehaviour for the next request to a route."""
+
+    kind: str  # status | garbage | hang | die_after | error_after | delay_headers
+    status: int = 500
+    body: bytes = b'{"error":"something went wrong"}'
+    after: int = 0
+    seconds: float = 0.0
+
+
+class ClientGone(Exception):
+    pass
+
+
+@dataclass
+class Stats:
+    generations_active: int = 0
+    generations_peak: int = 0
+    embeds_active: int = 0
+    embeds_peak: int = 0
+    gone: list[str] = field(default_factory=list)  # paths of streams whose client left
+    completed: list[str] = field(default_factory=list)  # paths of generations that finished
+
+
+class FakeOllama:
+    def __init__(self, token: str = "", token_delay: float = 0.0, tokens: int = 5,
+                 models: tuple[str, ...] = ("llama3:latest", "nomic-embed-text:latest")) -> None:
+        self.token = token
+        self.token_delay = token_delay
+        self.first_token_delay = 0.0
+        self.embed_delay = 0.0
+        self.tokens = tokens
+        self.version = "0.12.6"
+        self.models: dict[str, dict[str, Any]] = {m: model_entry(m) for m in models}
+        self.loaded: dict[str, Any] = {}  # name -> keep_alive of the last load
+        self.received: list[Received] = []
+        self.stats = Stats()
+        self.faults: dict[str, deque[Fault]] = defaultdict(deque)
+        self.cond = threading.Condition()
+        self.release = threading.Event()  # lets hung requests go
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._connections: set[socket.socket] = set()
+        self.port = 0
+
+    # -- lifecycle ------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeOllama:
+        fake = self
+
+        class Handler(_Handler):
+            pass
+
+        Handler.fake = fake
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        self.release.clear()
+        self._thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and cut every open connection, as a killed Ollama would."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self.release.set()
+        server.shutdown()
+        server.server_close()
+        with self.cond:
+            connections = list(self._connections)
+        for conn in connections:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+
+    # -- test helpers -----------------------------------------------------------
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(predicate, timeout)
+
+    def changed(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def fault(self, path: str, fault: Fault) -> None:
+        self.faults[path].append(fault)
+
+    def requests_to(self, path: str) -> list[Received]:
+        with self.cond:
+            return [r for r in self.received if r.path == path]
+
+    def add_model(self, name: str) -> None:
+        self.models[name] = model_entry(name)
+
+    def has(self, name: str) -> bool:
+        if ":" not in name.rsplit("/", 1)[-1]:
+            name += ":latest"
+        return name.lower() in {m.lower() for m in self.models}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    fake: FakeOllama
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.fake.cond:
+            self.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        with self.fake.cond:
+            self.fake._connections.discard(self.connection)
+        with contextlib.suppress(OSError):
+            super().finish()
+
+    # -- plumbing ---------------------------------------------------------------
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self.rfile.readline().strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return b"".join(parts)
+                parts.append(self.rfile.read(size))
+                self.rfile.readline()
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes, ctype: str = "application/json; charset=utf-8",
+              head: bool = False) -> None:
+        self.send_response(status)
+        if body or status != 403:
+            self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj: Any) -> None:
+        self._send(status, json.dumps(obj, separators=(",", ":")).encode())
+
+    def _error(self, status: int, message: str) -> None:
+        self._json(status, {"error": message})
+
+    def _start_stream(self, ctype: str = "application/x-ndjson") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+    def _chunk(self, data: bytes) -> None:
+        try:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        except OSError:
+            raise ClientGone from None
+
+    def _end_stream(self) -> None:
+        try:
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError:
+            raise ClientGone from None
+
+    def _pause(self, seconds: float) -> None:
+        """Wait, noticing at once if the client hangs up (as Ollama checks per token)."""
+        deadline = time.monotonic() + seconds
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select([self.connection], [], [], left)
+            if readable:
+                try:
+                    if self.connection.recv(1, socket.MSG_PEEK) == b"":
+                        raise ClientGone
+                except OSError:
+                    raise ClientGone from None
+                time.sleep(min(left, 0.005))  # pipelined bytes: keep waiting
+            if time.monotonic() >= deadline:
+                return
+
+    # -- dispatch ---------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def _handle(self, method: str) -> None:
+        fake = self.fake
+        body = self._read_body()
+        path = self.path.split("?", 1)[0]
+        record = Received(method, path, {k.lower(): v for k, v in self.headers.items()}, body)
+        with fake.cond:
+            fake.received.append(record)
+            fake.cond.notify_all()
+        host = self.headers.get("Host", "").rsplit(":", 1)[0].strip("[]")
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            self._send(403, b"")
+            return
+        if fake.token and self.headers.get("Authorization") != f"Bearer {fake.token}":
+            self._error(401, "unauthorized")
+            return
+        queued = fake.faults.get(path)
+        fault = queued.popleft() if queued else None
+        if fault is not None and self._apply_fault(fault):
+            return
+        route = _ROUTES.get((method if method != "HEAD" else "GET", path))
+        if route is None and path.startswith("/v1/models/") and method == "GET":
+            route = _Handler.v1_model
+        if route is None and path.startswith("/api/blobs/") and method in ("HEAD", "POST"):
+            route = _Handler.blobs
+        if route is None:
+            self._send(404, b"404 page not found", "text/plain")
+            return
+        try:
+            route(self, record, fault)
+        except ClientGone:
+            with fake.cond:
+                fake.stats.gone.append(path)
+                fake.cond.notify_all()
+            self.close_connection = True
+
+    def _apply_fault(self, fault: Fault) -> bool:
+        """Apply a fault that replaces the whole answer; return False for stream faults."""
+        if fault.kind == "status":
+            self._send(fault.status, fault.body)
+        elif fault.kind == "garbage":
+            self._send(200, b"<html>this is not json", "text/html")
+        elif fault.kind == "hang":
+            self.fake.release.wait(30)
+            self.close_connection = True
+        elif fault.kind == "delay_headers":
+            time.sleep(fault.seconds)
+            return False
+        else:
+            return False
+        return True
+
+    # -- routes ---------------------------------------------------------------
+
+    def root(self, rec: Received, fault: Fault | None) -> None:
+        self._send(200, b"Ollama is running", "text/plain; charset=utf-8", rec.method == "HEAD")
+
+    def version(self, rec: Received, fault: Fault | None) -> None:
+        self._json(200, {"version": self.fake.version})
+
+    def tags(self, rec: Received, fault: Fault | None) -> None:
+        self._json(200, {"models": list(self.fake.models.values())})
+
+    def ps(self, rec: Received, fault: Fault | None) -> None:
+        running = []
+        for name in self.fake.loaded:
+            entry = dict(self.fake.models.get(name, model_entry(name)))
+            entry.update(expires_at="2318-01-01T00:00:00Z", size_vram=entry["size"],
+                         context_length=4096)
+            running.append(entry)
+        self._json(200, {"models": running})
+
+    def _model_of(self, rec: Received, not_found: str) -> tuple[dict[str, Any], str] | None:
+        if not rec.body.strip():
+            self._error(400, "missing request body")
+            return None
+        try:
+            body = json.loads(rec.body)
+        except ValueError as exc:
+            self._error(400, str(exc))
+            return None
+        model = body.get("model") or body.get("name") or ""
+        if not model:
+            self._error(400, "model is required")
+            return None
+        if not self.fake.has(model):
+            self._error(404, not_found.format(model=model))
+            return None
+        return body, model
+
+    def _note_load(self, model: str, body: dict[str, Any]) -> None:
+        name = model if ":" in model else model + ":latest"
+        self.fake.loaded[name] = body.get("keep_alive")
+
+    def _generation(self, rec: Received, fault: Fault | None, kind: str) -> None:
+        parsed = self._model_of(rec, "model '{model}' not found")
+        if parsed is None:
+            return
+        body, model = parsed
+        fake = self.fake
+        self._note_load(model, body)
+        count = int((body.get("options") or {}).get("num_predict") or fake.tokens)
+        with fake.cond:
+            fake.stats.generations_active += 1
+            fake.stats.generations_peak = max(fake.stats.generations_peak,
+                                              fake.stats.generations_active)
+            fake.cond.notify_all()
+        try:
+            self._pause(fake.first_token_delay)
+            if kind in ("chat", "generate"):
+                self._ollama_generation(kind, model, body, count, fault)
+            else:
+                self._openai_generation(kind, model, body, count)
+            with fake.cond:
+                fake.stats.completed.append(rec.path)
+        finally:
+            with fake.cond:
+                fake.stats.generations_active -= 1
+                fake.cond.notify_all()
+
+    def _ollama_generation(self, kind: str, model: str, body: dict[str, Any], count: int,
+                           fault: Fault | None) -> None:
+        words = [f"tok{i} " for i in range(count)]
+
+        def piece(text: str) -> dict[str, Any]:
+            if kind == "chat":
+                return {"message": {"role": "assistant", "content": text}}
+            return {"response": text}
+
+        final = {
+            "model": model, "created_at": CREATED_AT, **piece(""), "done": True,
+            "done_reason": "stop", "total_duration": 123456789, "load_duration": 1234567,
+            "prompt_eval_count": 12, "prompt_eval_duration": 2345678,
+            "eval_count": count, "eval_duration": 98765432,
+        }
+        if kind == "generate":
+            final["context"] = [1, 2, 3]
+        if body.get("stream", True) is False:
+            for _ in words:
+                self._pause(self.fake.token_delay)
+            final.update(piece("".join(words)))
+            self._json(200, final)
+            return
+        self._start_stream()
+        for i, word in enumerate(words):
+            breaks_here = fault is not None and i == fault.after
+            if breaks_here and fault.kind in ("die_after", "error_after"):
+                if fault.kind == "error_after":
+                    self._chunk(b'{"error":"an error was encountered while running the model"}\n')
+                    self._end_stream()
+                else:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                return
+            self._pause(self.fake.token_delay)
+            chunk = {"model": model, "created_at": CREATED_AT, **piece(word), "done": False}
+            self._chunk(json.dumps(chunk, separators=(",", ":")).encode() + b"\n")
+        self._chunk(json.dumps(final, separators=(",", ":")).encode() + b"\n")
+        self._end_stream()
+
+    def _openai_generation(self, kind: str, model: str, body: dict[str, Any], count: int) -> None:
+        words = [f"tok{i} " for i in range(count)]
+        created = 1764151200
+        if kind == "chat.completion":
+            ident = "chatcmpl-42"
+
+            def choice(text: str | None, done: bool, stream: bool) -> dict[str, Any]:
+                if not stream:
+                    return {"index": 0, "message": {"role": "assistant", "content": text},
+                            "finish_reason": "stop"}
+                delta = {"role": "assistant", "content": text} if text is not None else {}
+                return {"index": 0, "delta": delta, "finish_reason": "stop" if done else None}
+        else:
+            ident = "cmpl-42"
+
+            def choice(text: str | None, done: bool, stream: bool) -> dict[str, Any]:
+                return {"text": text or "", "index": 0,
+                        "finish_reason": "stop" if done else None}
+        usage = {"prompt_tokens": 12, "completion_tokens": count, "total_tokens": 12 + count}
+        base = {"id": ident, "created": created, "model": model, "system_fingerprint": "fp_ollama"}
+        if not body.get("stream"):
+            for _ in words:
+                self._pause(self.fake.token_delay)
+            answer = choice("".join(words), True, False)
+            self._json(200, {**base, "object": kind, "choices": [answer], "usage": usage})
+            return
+        self._start_stream("text/event-stream")
+        obj = kind + ".chunk" if kind == "chat.completion" else kind
+        for word in words:
+            self._pause(self.fake.token_delay)
+            event = {**base, "object": obj, "choices": [choice(word, False, True)]}
+            self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
+        self._chunk(b"data: " + json.dumps(
+            {**base, "object": obj, "choices": [choice(None, True, True)]}).encode() + b"\n\n")
+        self._chunk(b"data: [DONE]\n\n")
+        self._end_stream()
+
+    def chat(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "chat")
+
+    def generate(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "generate")
+
+    def v1_chat(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "chat.completion")
+
+    def v1_completions(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "text_completion")
+
+    def _embedding(self, rec: Received, shape: str) -> None:
+        parsed = self._model_of(rec, 'model "{model}" not found, try pulling it first')
+        if parsed is None:
+            return
+        body, model = parsed
+        fake = self.fake
+        with fake.cond:
+            fake.stats.embeds_active += 1
+            fake.stats.embeds_peak = max(fake.stats.embeds_peak, fake.stats.embeds_active)
+            fake.cond.notify_all()
+        try:
+            self._note_load(model, body)
+            if fake.embed_delay:
+                time.sleep(fake.embed_delay)
+            inputs = body.get("input", body.get("prompt", ""))
+            texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
+            texts = [t for t in texts if t]
+            vectors = [embedding_for(t) for t in texts]
+            if shape == "embed":
+                self._json(200, {"model": model, "embeddings": vectors, "total_duration": 1000,
+                                 "load_duration": 10, "prompt_eval_count": len(texts)})
+            elif shape == "embeddings":
+                self._json(200, {"embedding": vectors[0] if vectors else []})
+            else:
+                self._json(200, {"object": "list", "model": model, "data": [
+                    {"object": "embedding", "embedding": v, "index": i}
+                    for i, v in enumerate(vectors)
+                ], "usage": {"prompt_tokens": len(texts), "total_tokens": len(texts)}})
+        finally:
+            with fake.cond:
+                fake.stats.embeds_active -= 1
+                fake.cond.notify_all()
+
+    def embed(self, rec: Received, fault: Fault | None) -> None:
+        self._embedding(rec, "embed")
+
+    def embeddings(self, rec: Received, fault: Fault | None) -> None:
+        self._embedding(rec, "embeddings")
+
+    def v1_embeddings(self, rec: Received, fault: Fault | None) -> None:
+        self._embedding(rec, "v1")
+
+    def show(self, rec: Received, fault: Fault | None) -> None:
+        parsed = self._model_of(rec, "model '{model}' not found")
+        if parsed is None:
+            return
+        _, model = parsed
+        entry = self.fake.models.get(model if ":" in model else model + ":latest", {})
+        self._json(200, {
+            "license": "fake", "modelfile": f"FROM {model}\n", "parameters": "stop <|eot|>",
+            "template": "{{ .Prompt }}", "details": entry.get("details", {}),
+            "model_info": {"general.architecture": "llama"}, "capabilities": ["completion"],
+            "modified_at": entry.get("modified_at", CREATED_AT),
+        })
+
+    def v1_models(self, rec: Received, fault: Fault | None) -> None:
+        self._json(200, {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 1761985800, "owned_by": "library"}
+            for name in self.fake.models
+        ]})
+
+    def v1_model(self, rec: Received, fault: Fault | None) -> None:
+        name = rec.path[len("/v1/models/"):]
+        if not self.fake.has(name):
+            self._json(404, {"error": {"message": f'model "{name}" not found',
+                                       "type": "not_found_error", "param": None, "code": None}})
+            return
+        self._json(200, {"id": name, "object": "model", "created": 1761985800,
+                         "owned_by": "library"})
+
+    def pull(self, rec: Received, fault: Fault | None) -> None:
+        body = json.loads(rec.body or b"{}")
+        model = body.get("model") or body.get("name") or ""
+        self._start_stream()
+        for status in ("pulling manifest", "verifying sha256 digest", "writing manifest",
+                       "success"):
+            self._chunk(json.dumps({"status": status}).encode() + b"\n")
+        self._end_stream()
+        self.fake.add_model(model if ":" in model else model + ":latest")
+
+    def delete(self, rec: Received, fault: Fault | None) -> None:
+        body = json.loads(rec.body or b"{}")
+        model = body.get("model") or body.get("name") or ""
+        name = model if ":" in model else model + ":latest"
+        if self.fake.models.pop(name, None) is None:
+            self._error(404, f"model '{model}' not found")
+            return
+        self._send(200, b"")
+
+    def blobs(self, rec: Received, fault: Fault | None) -> None:
+        self._send(201 if rec.method == "POST" else 200, b"")
+
+
+_ROUTES: dict[tuple[str, str], Callable[[_Handler, Received, Fault | None], None]] = {
+    ("GET", "/"): _Handler.root,
+    ("GET", "/api/version"): _Handler.version,
+    ("GET", "/api/tags"): _Handler.tags,
+    ("GET", "/api/ps"): _Handler.ps,
+    ("POST", "/api/chat"): _Handler.chat,
+    ("POST", "/api/generate"): _Handler.generate,
+    ("POST", "/api/embed"): _Handler.embed,
+    ("POST", "/api/embeddings"): _Handler.embeddings,
+    ("POST", "/api/show"): _Handler.show,
+    ("POST", "/api/pull"): _Handler.pull,
+    ("DELETE", "/api/delete"): _Handler.delete,
+    ("POST", "/v1/chat/completions"): _Handler.v1_chat,
+    ("POST", "/v1/completions"): _Handler.v1_completions,
+    ("POST", "/v1/embeddings"): _Handler.v1_embeddings,
+    ("GET", "/v1/models"): _Handler.v1_models,
+}
