@@ -17,10 +17,11 @@ import re
 import threading
 import time
 import uuid
+from urllib.parse import unquote
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from werkzeug.exceptions import HTTPException, MethodNotAllowed
+from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect, Rule
 from werkzeug.wrappers import Request
 
@@ -117,6 +118,8 @@ class ForemanApp:
         openai = request.path.startswith("/v1/")
         try:
             try:
+                if _has_empty_segment(environ):
+                    raise NotFound()
                 endpoint, values = self._map.bind_to_environ(environ).match()
             except (HTTPException, RequestRedirect) as exc:
                 endpoint, values, routing_error = None, {}, exc
@@ -150,6 +153,13 @@ class ForemanApp:
             return
         raise ApiError(401, "unauthorized: a valid bearer token is required",
                        {"WWW-Authenticate": "Bearer"})
+
+
+def _has_empty_segment(environ: dict[str, Any]) -> bool:
+    """`//x` and `/%2Fx`: waitress and Werkzeug strip the extra slash, Ollama does not
+    match it, and no foreman route has one, so such a path is no route at all."""
+    raw = environ.get("REQUEST_URI", "").split("?", 1)[0]
+    return "//" in raw or "//" in unquote(raw) or "//" in environ.get("PATH_INFO", "")
 
 
 def _routing_failure(exc: Exception, request: Request) -> ApiError:

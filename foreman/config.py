@@ -124,6 +124,14 @@ def _http_url(value: Any) -> str:
     return text
 
 
+def redact_url(url: str) -> str:
+    """The URL without any user:password it carries."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="<redacted>@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
 @dataclass(frozen=True)
 class ListenAddress:
     host: str
@@ -238,6 +246,8 @@ class Config:
                 value = walk(getattr(node, f.name))
                 if f.name in SECRET_KEYS and value:
                     value = "<redacted>"
+                elif f.name == "url":
+                    value = redact_url(value)
                 out[f.name] = value
             return out
 

@@ -19,12 +19,12 @@ import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+from .config import redact_url
 from .errors import TargetHTTPError, TargetUnreachable
 
 # What a failed exchange with the target looks like from below this module.
@@ -151,9 +151,8 @@ class TargetClient:
         pool_size: int = 10,
     ) -> None:
         self.url = url.rstrip("/")
-        parts = urlsplit(self.url)
         # Credentials in the URL must never reach a log line or an error message.
-        self.display_url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        self.display_url = redact_url(self.url)
         self._timeout = (connect_timeout, read_timeout)
         session = requests.Session()
         session.trust_env = False

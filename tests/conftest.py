@@ -46,8 +46,8 @@ def fake() -> Iterator[FakeOllama]:
 def make_foreman(fake: FakeOllama, tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
-    def make(target: FakeOllama | None = None, **overrides: Any) -> Daemon:
-        data = config_data((target or fake).url, tmp_path, **overrides)
+    def make(upstream: FakeOllama | None = None, **overrides: Any) -> Daemon:
+        data = config_data((upstream or fake).url, tmp_path, **overrides)
         daemon = build_daemon(parse_config(data))
         daemon.start()
         daemons.append(daemon)

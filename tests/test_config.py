@@ -1,0 +1,104 @@
+"""The config file's contract: defaults, units, unknown keys, env overrides, redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from foreman.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config(None, environ={})
+    assert str(config.listen) == "127.0.0.1:11435"
+    assert config.target.url == "http://127.0.0.1:11434"
+    assert config.target.read_timeout == 600
+    assert config.chat.concurrency == 1 and config.chat.max_queue == 64
+    assert config.server.max_body == 64 * 1024**2
+    assert config.threads == 64 + 1 + 16
+
+
+def test_example_config_is_valid_and_matches_the_defaults() -> None:
+    example = Path(__file__).parent.parent / "foreman.example.yaml"
+    assert load_config(str(example), environ={}) == load_config(None, environ={})
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    (30, 30.0), (2.5, 2.5), ("250ms", 0.25), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
+    ("7d", 604800.0), ("10", 10.0), (" 1.5s ", 1.5),
+])
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["10 minutes", "5x", "-3s", -1, True, "", [1], None])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    (1000, 1000), ("512KB", 512 * 1024), ("64MB", 64 * 1024**2), ("1gb", 1024**3), ("10", 10),
+])
+def test_sizes(text: object, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["64 parsecs", 0, -5, "MB", False])
+def test_bad_sizes(bad: object) -> None:
+    with pytest.raises(ValueError):
+        parse_size(bad)
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), [
+    ("chat:\n  max_queu: 3\n", "chat.max_queu", "unknown key"),
+    ("tokn: x\n", "tokn", "unknown key"),
+    ("target:\n  read_timeout: 10 minutes\n", "target.read_timeout", "duration"),
+    ("chat:\n  concurrency: 0\n", "chat.concurrency", ">= 1"),
+    ("chat:\n  max_queue: -1\n", "chat.max_queue", ">= 0"),
+    ("chat: 5\n", "chat", "mapping"),
+    ("listen: nowhere\n", "listen", "host:port"),
+    ("target:\n  url: ftp://x\n", "target.url", "http(s) URL"),
+    ("target:\n  allow_admin: maybe\n", "target.allow_admin", "true or false"),
+    ("log:\n  format: xml\n", "log.format", "text, json"),
+    ("server:\n  max_body: lots\n", "server.max_body", "size"),
+])
+def test_errors_name_the_file_and_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.key == key
+    assert fragment in caught.value.problem
+    assert str(caught.value).startswith(f"{path}: {key}: ")
+
+
+def test_unreadable_and_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the file"):
+        load_config(str(tmp_path / "missing.yaml"), environ={})
+    with pytest.raises(ConfigError, match="not valid YAML at line 3"):
+        load_config(write(tmp_path, "chat:\n  - [unclosed\n"), environ={})
+
+
+def test_env_overrides_tokens(tmp_path: Path) -> None:
+    path = write(tmp_path, "token: from-file\ntarget:\n  token: target-from-file\n")
+    config = load_config(path, environ={"FOREMAN_TOKEN": "env-in",
+                                        "FOREMAN_TARGET_TOKEN": "env-out"})
+    assert config.token == "env-in" and config.target.token == "env-out"
+    assert load_config(path, environ={}).token == "from-file"
+
+
+def test_redacted_hides_secrets_and_resolves_threads() -> None:
+    config = parse_config({"token": "s3cret", "target": {
+        "token": "t0ken", "url": "http://user:pw@gpu:11434"}, "server": {"threads": 0}})
+    shown = config.redacted()
+    assert shown["token"] == "<redacted>" and shown["target"]["token"] == "<redacted>"
+    assert "pw" not in shown["target"]["url"] and "gpu:11434" in shown["target"]["url"]
+    assert shown["server"]["threads"] == config.threads == 81
+    assert parse_config({"server": {"threads": 7}}).threads == 7
