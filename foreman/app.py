@@ -17,9 +17,9 @@ import re
 import threading
 import time
 import uuid
-from urllib.parse import unquote
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from urllib.parse import unquote
 
 from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect, Rule

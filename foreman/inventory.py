@@ -13,6 +13,7 @@ poll, and misses can start at most one poll per `miss_cooldown` seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -71,7 +72,7 @@ def _models_of(body: Any, route: str) -> tuple[dict[str, Any], ...]:
     if not isinstance(models, list) or not all(
         isinstance(m, dict) and isinstance(m.get("name", m.get("model")), str) for m in models
     ):
-        raise ValueError(f"ollama answered {route} with an unexpected shape")
+        raise ValueError(f"ollama answered GET {route} with JSON of an unexpected shape")
     return tuple(models)
 
 
@@ -179,18 +180,28 @@ class Inventory:
                     self._cond.notify_all()
         return self._snapshot
 
+    def _fetch(self, route: str) -> tuple[bytes, tuple[dict[str, Any], ...]]:
+        try:
+            raw, body = self._client.call("GET", route)
+        except TargetHTTPError as exc:
+            if 200 <= exc.status < 300:
+                raise ValueError(
+                    f"ollama answered GET {route} with a body that is not JSON"
+                ) from None
+            raise ValueError(
+                f"ollama answered GET {route} with {exc.status}: {exc.message}"
+            ) from None
+        return raw, _models_of(body, route)
+
     def _poll_once(self) -> None:
         previous = self._snapshot
         now = time.time()
         try:
-            tags_raw, tags = self._client.call("GET", "/api/tags")
-            ps_raw, ps = self._client.call("GET", "/api/ps")
-            models, running = _models_of(tags, "/api/tags"), _models_of(ps, "/api/ps")
-        except (TargetUnreachable, TargetHTTPError, ValueError) as exc:
-            self._snapshot = Snapshot(
-                previous.tags_body, previous.ps_body, previous.models, previous.running,
-                previous.names, previous.loaded_names, True, str(exc),
-                previous.last_success, now,
+            tags_raw, models = self._fetch("/api/tags")
+            ps_raw, running = self._fetch("/api/ps")
+        except (TargetUnreachable, ValueError) as exc:
+            self._snapshot = dataclasses.replace(
+                previous, degraded=True, error=str(exc), last_attempt=now
             )
             if not previous.degraded or previous.last_attempt is None:
                 serving = " (serving the last known models)" if previous.known else ""
