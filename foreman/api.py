@@ -178,11 +178,13 @@ class OllamaApi:
         kind = request.path.rsplit("/", 1)[-1]
         ticket = self._slot.enqueue(Work(kind=kind, model=model, label=info.request_id))
         gone = client_gone_check(request)
-        with self._watcher.watch(
-            gone, lambda: ticket.cancel(WaitCancelled("client went away", CLIENT_GONE))
-        ):
-            lease = ticket.wait(self._max_wait)
-        info.waited_ms = round(lease.waited * 1000)
+        try:
+            with self._watcher.watch(
+                gone, lambda: ticket.cancel(WaitCancelled("client went away", CLIENT_GONE))
+            ):
+                lease = ticket.wait(self._max_wait)
+        finally:
+            info.waited_ms = round(ticket.waited * 1000)
         abort = AbortSignal()
         streaming = self._watcher.watch(gone, abort.abort)
         cleanup = [streaming.cancel, lease.release]
@@ -259,15 +261,31 @@ class OllamaApi:
             )
         if digest is not None:
             request.max_content_length = None  # model blobs are gigabytes, streamed through
-        headers = {}
-        if request.content_length is not None:
-            headers["Content-Length"] = str(request.content_length)
-        upstream = self._client.open(
-            request.method, request.path, request.stream if request.content_length else None,
-            request.content_type or None, headers=headers,
-        )
+            length = request.content_length or 0
+            body: Any = SizedBody(request.stream, length) if length else None
+        else:
+            body = request.get_data(cache=False) or None
+        upstream = self._client.open(request.method, request.path, body,
+                                     request.content_type or None)
         on_close = [self._inventory.poll_soon] if 200 <= upstream.status < 300 else []
         return relay(upstream, {}, on_close, head=request.method == "HEAD")
+
+
+class SizedBody:
+    """A request body streamed to the target with its length known up front.
+
+    `requests` sends a file-like object with a length as a plain body with
+    Content-Length, reading it block by block, instead of buffering it.
+    """
+
+    def __init__(self, stream: Any, length: int) -> None:
+        self._stream, self._length = stream, length
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(size)
 
 
 def _age(stamp: float | None) -> float | None:

@@ -36,6 +36,7 @@ class Daemon:
     app: ForemanApp
     server: Server
     _serving: threading.Thread | None = dataclasses.field(default=None, init=False)
+    _stopped: bool = dataclasses.field(default=False, init=False)
 
     @property
     def url(self) -> str:
@@ -55,8 +56,11 @@ class Daemon:
     def shutdown(self, drain_timeout: float | None = None) -> bool:
         """Stop accepting, let in-flight work finish (up to the drain timeout), stop.
 
-        Returns whether everything in flight finished in time.
+        Returns whether everything in flight finished in time.  Idempotent.
         """
+        if self._stopped:
+            return True
+        self._stopped = True
         drain = self.config.server.drain_timeout if drain_timeout is None else drain_timeout
         self.server.stop_accepting()
         self.slot.close("foreman is shutting down")
@@ -67,7 +71,7 @@ class Daemon:
         if self.warmer is not None:
             self.warmer.stop()
         self.watcher.stop()
-        self.server.close()
+        self.server.close(flush_timeout=5.0 if drained else 0.0)
         self.client.close()
         log.info("foreman stopped")
         return drained

@@ -10,6 +10,7 @@ everything.
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 from waitress import create_server, wasyncore
@@ -58,9 +59,24 @@ class Server:
 
         self._server.trigger.pull_trigger(close_listener)
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Close every connection and stop the loop and its worker threads."""
+    def close(self, flush_timeout: float = 5.0) -> None:
+        """Stop the worker threads and the loop, closing every connection.
+
+        Our application is done with a response before waitress has written
+        its end (the last chunk, the terminator), so first let the workers
+        finish their current tasks and the loop send what is buffered, for up
+        to `flush_timeout` seconds; 0 cuts at once.
+        """
         server = self._server
+        if flush_timeout:
+            server.task_dispatcher.shutdown(cancel_pending=True, timeout=flush_timeout)
+            deadline = time.monotonic() + flush_timeout
+            while self._unsent() and time.monotonic() < deadline:
+                time.sleep(0.01)  # waitress offers no event for "all flushed"
         server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
-        self._stopped.wait(timeout)
-        server.task_dispatcher.shutdown(timeout=timeout)
+        self._stopped.wait(5.0)
+        server.task_dispatcher.shutdown(cancel_pending=True, timeout=1.0)
+
+    def _unsent(self) -> int:
+        return sum(getattr(channel, "total_outbufs_len", 0)
+                   for channel in list(self._server._map.values()))

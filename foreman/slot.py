@@ -15,6 +15,7 @@ import bisect
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import BUSY_TEXT, ApiError
@@ -77,6 +78,13 @@ class Ticket:
     def __lt__(self, other: Ticket) -> bool:
         return self.key < other.key
 
+    @property
+    def waited(self) -> float:
+        """Seconds spent in line: until granted, or so far."""
+        if self.lease is not None:
+            return self.lease.waited
+        return time.monotonic() - self._enqueued
+
     def wait(self, timeout: float | None = None) -> Lease:
         """Block until granted; raise WaitTimeout or WaitCancelled otherwise."""
         self._event.wait(timeout)
@@ -90,7 +98,7 @@ class Ticket:
 class ChatSlot:
     def __init__(self, concurrency: int, max_queue: int) -> None:
         self.concurrency, self.max_queue = concurrency, max_queue
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._line: list[Ticket] = []
         self._holders: list[Lease] = []
         self._arrivals = itertools.count()
@@ -110,6 +118,7 @@ class ChatSlot:
                 raise QueueFull(retry_after=max(1, len(self._line)))
             bisect.insort(self._line, ticket)
             self._grant_locked()
+            self._lock.notify_all()
         return ticket
 
     def acquire(self, work: Work, timeout: float | None = None) -> Lease:
@@ -120,9 +129,15 @@ class ChatSlot:
         with self._lock:
             self._closed_reason = reason
             line, self._line = self._line, []
+            self._lock.notify_all()
         for ticket in line:
             ticket.cancelled = WaitCancelled(reason)
             ticket._event.set()
+
+    def wait_for(self, predicate: Callable[[ChatSlot], bool], timeout: float) -> bool:
+        """Block until `predicate(slot)` holds after some change, or `timeout` passes."""
+        with self._lock:
+            return self._lock.wait_for(lambda: predicate(self), timeout)
 
     def snapshot(self) -> tuple[list[Work], list[Work]]:
         """(running, waiting in order), as copies."""
@@ -151,6 +166,7 @@ class ChatSlot:
                 return ticket.lease
             if ticket.cancelled is None:
                 self._line.remove(ticket)
+                self._lock.notify_all()
                 raise WaitTimeout(waited)
         raise ticket.cancelled
 
@@ -160,6 +176,7 @@ class ChatSlot:
                 return
             self._line.remove(ticket)
             ticket.cancelled = error
+            self._lock.notify_all()
         ticket._event.set()
 
     def _release(self, lease: Lease) -> None:
@@ -169,3 +186,4 @@ class ChatSlot:
             lease._released = True
             self._holders.remove(lease)
             self._grant_locked()
+            self._lock.notify_all()

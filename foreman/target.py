@@ -178,15 +178,12 @@ class TargetClient:
         content_type: str | None = None,
         abort: AbortSignal | None = None,
         read_timeout: float | None = None,
-        headers: dict[str, str] | None = None,
     ) -> Upstream:
         """Send a request and return once the response headers arrived.
 
         Any status is returned as is; only transport failures raise.
         """
-        headers = dict(headers or {})
-        if content_type:
-            headers["Content-Type"] = content_type
+        headers = {"Content-Type": content_type} if content_type else None
         timeout = self._timeout if read_timeout is None else (self._timeout[0], read_timeout)
         _bound.signal = abort
         try:
