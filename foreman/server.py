@@ -73,8 +73,19 @@ class Server:
             deadline = time.monotonic() + flush_timeout
             while self._unsent() and time.monotonic() < deadline:
                 time.sleep(0.01)  # waitress offers no event for "all flushed"
-        server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+        trigger = server.trigger
+
+        def end_loop() -> None:
+            for channel in list(server._map.values()):
+                if channel is not trigger:
+                    channel.close()
+            # Leave the map so the loop ends, but keep the pipe open: closing it
+            # here races with the pull that delivered this very call.
+            trigger.del_channel()
+
+        trigger.pull_trigger(end_loop)
         self._stopped.wait(5.0)
+        trigger.close()
         server.task_dispatcher.shutdown(cancel_pending=True, timeout=1.0)
 
     def _unsent(self) -> int:
