@@ -12,6 +12,7 @@ on the same port.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import select
@@ -76,12 +77,27 @@ class ClientGone(Exception):
 
 
 @dataclass
+class Knobs:
+    """Per-request timing: the fake's settings, overridable by `fake_*` keys in `options`
+    (so a benchmark can drive a fake running in another process)."""
+
+    token_delay: float
+    first_token_delay: float
+    embed_delay: float
+    stamp: bool  # each token is the send time (time.monotonic()), to measure relay delay
+
+    def word(self, i: int) -> str:
+        return f"{time.monotonic():.6f} " if self.stamp else f"tok{i} "
+
+
+@dataclass
 class Stats:
     generations_active: int = 0
     generations_peak: int = 0
     embeds_active: int = 0
     embeds_peak: int = 0
     gone: list[str] = field(default_factory=list)  # paths of streams whose client left
+    gone_at: list[float] = field(default_factory=list)  # time.monotonic() of each
     completed: list[str] = field(default_factory=list)  # paths of generations that finished
 
 
@@ -179,6 +195,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Go's net/http (Ollama) sets TCP_NODELAY; without it a header write and a
+        # body write meet Nagle and delayed ACKs and every answer costs 40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.fake.cond:
             self.fake._connections.add(self.connection)
 
@@ -299,6 +318,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ClientGone:
             with fake.cond:
                 fake.stats.gone.append(path)
+                fake.stats.gone_at.append(time.monotonic())
                 fake.cond.notify_all()
             self.close_connection = True
 
@@ -356,6 +376,16 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return body, model
 
+    def _knobs(self, body: dict[str, Any]) -> Knobs:
+        fake = self.fake
+        options = body.get("options") or {}
+        return Knobs(
+            float(options.get("fake_token_delay", fake.token_delay)),
+            float(options.get("fake_first_token_delay", fake.first_token_delay)),
+            float(options.get("fake_embed_delay", fake.embed_delay)),
+            bool(options.get("fake_stamp", False)),
+        )
+
     def _note_load(self, model: str, body: dict[str, Any]) -> None:
         name = model if ":" in model else model + ":latest"
         self.fake.loaded[name] = body.get("keep_alive")
@@ -373,12 +403,13 @@ class _Handler(BaseHTTPRequestHandler):
             fake.stats.generations_peak = max(fake.stats.generations_peak,
                                               fake.stats.generations_active)
             fake.cond.notify_all()
+        knobs = self._knobs(body)
         try:
-            self._pause(fake.first_token_delay)
+            self._pause(knobs.first_token_delay)
             if kind in ("chat", "generate"):
-                self._ollama_generation(kind, model, body, count, fault)
+                self._ollama_generation(kind, model, body, count, fault, knobs)
             else:
-                self._openai_generation(kind, model, body, count)
+                self._openai_generation(kind, model, body, count, knobs)
             with fake.cond:
                 fake.stats.completed.append(rec.path)
         finally:
@@ -387,7 +418,7 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.cond.notify_all()
 
     def _ollama_generation(self, kind: str, model: str, body: dict[str, Any], count: int,
-                           fault: Fault | None) -> None:
+                           fault: Fault | None, knobs: Knobs) -> None:
         words = [f"tok{i} " for i in range(count)]
 
         def piece(text: str) -> dict[str, Any]:
@@ -405,12 +436,12 @@ class _Handler(BaseHTTPRequestHandler):
             final["context"] = [1, 2, 3]
         if body.get("stream", True) is False:
             for _ in words:
-                self._pause(self.fake.token_delay)
+                self._pause(knobs.token_delay)
             final.update(piece("".join(words)))
             self._json(200, final)
             return
         self._start_stream()
-        for i, word in enumerate(words):
+        for i in range(count):
             breaks_here = fault is not None and i == fault.after
             if breaks_here and fault.kind in ("die_after", "error_after"):
                 if fault.kind == "error_after":
@@ -420,13 +451,15 @@ class _Handler(BaseHTTPRequestHandler):
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
                 return
-            self._pause(self.fake.token_delay)
-            chunk = {"model": model, "created_at": CREATED_AT, **piece(word), "done": False}
+            self._pause(knobs.token_delay)
+            chunk = {"model": model, "created_at": CREATED_AT, **piece(knobs.word(i)),
+                     "done": False}
             self._chunk(json.dumps(chunk, separators=(",", ":")).encode() + b"\n")
         self._chunk(json.dumps(final, separators=(",", ":")).encode() + b"\n")
         self._end_stream()
 
-    def _openai_generation(self, kind: str, model: str, body: dict[str, Any], count: int) -> None:
+    def _openai_generation(self, kind: str, model: str, body: dict[str, Any], count: int,
+                           knobs: Knobs) -> None:
         words = [f"tok{i} " for i in range(count)]
         created = 1764151200
         if kind == "chat.completion":
@@ -448,14 +481,14 @@ class _Handler(BaseHTTPRequestHandler):
         base = {"id": ident, "created": created, "model": model, "system_fingerprint": "fp_ollama"}
         if not body.get("stream"):
             for _ in words:
-                self._pause(self.fake.token_delay)
+                self._pause(knobs.token_delay)
             answer = choice("".join(words), True, False)
             self._json(200, {**base, "object": kind, "choices": [answer], "usage": usage})
             return
         self._start_stream("text/event-stream")
         obj = kind + ".chunk" if kind == "chat.completion" else kind
         for word in words:
-            self._pause(self.fake.token_delay)
+            self._pause(knobs.token_delay)
             event = {**base, "object": obj, "choices": [choice(word, False, True)]}
             self._chunk(b"data: " + json.dumps(event).encode() + b"\n\n")
         self._chunk(b"data: " + json.dumps(
@@ -487,8 +520,9 @@ class _Handler(BaseHTTPRequestHandler):
             fake.cond.notify_all()
         try:
             self._note_load(model, body)
-            if fake.embed_delay:
-                time.sleep(fake.embed_delay)
+            delay = self._knobs(body).embed_delay
+            if delay:
+                time.sleep(delay)
             inputs = body.get("input", body.get("prompt", ""))
             texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
             texts = [t for t in texts if t]
@@ -529,6 +563,10 @@ class _Handler(BaseHTTPRequestHandler):
             "model_info": {"general.architecture": "llama"}, "capabilities": ["completion"],
             "modified_at": entry.get("modified_at", CREATED_AT),
         })
+
+    def fake_stats(self, rec: Received, fault: Fault | None) -> None:
+        with self.fake.cond:
+            self._json(200, dataclasses.asdict(self.fake.stats))
 
     def v1_models(self, rec: Received, fault: Fault | None) -> None:
         self._json(200, {"object": "list", "data": [
@@ -584,4 +622,23 @@ _ROUTES: dict[tuple[str, str], Callable[[_Handler, Received, Fault | None], None
     ("POST", "/v1/completions"): _Handler.v1_completions,
     ("POST", "/v1/embeddings"): _Handler.v1_embeddings,
     ("GET", "/v1/models"): _Handler.v1_models,
+    ("GET", "/fake/stats"): _Handler.fake_stats,
 }
+
+
+def main() -> None:
+    """Run the fake alone (for benchmarks): prints `listening on <url>` and serves until killed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args()
+    fake = FakeOllama()
+    fake.port = args.port
+    fake.start()
+    print(f"listening on {fake.url}", flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
