@@ -2,6 +2,7 @@
 
 `python foreman.py -c config.yaml` serves until SIGTERM or SIGINT, then
 drains.  `--check` validates the config and prints it with secrets redacted.
+`jobs ...` talks to a running daemon's job queue (see jobs_cli).
 A config problem is one line on stderr and exit status 2, before any port is
 bound.
 """
@@ -20,7 +21,9 @@ import yaml
 from . import __version__
 from .config import Config, ConfigError, load_config
 from .daemon import build_daemon
+from .jobs_cli import add_jobs_parser, run_jobs
 from .logs import configure_logging
+from .store import StoreCorrupt
 
 EXIT_CONFIG = 2
 
@@ -35,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--check", action="store_true",
                      help="validate the config, print it with secrets redacted, and exit")
     top.add_argument("--version", action="version", version=f"foreman {__version__}")
+    add_jobs_parser(top.add_subparsers(dest="command", metavar="{jobs}"))
     return top
 
 
@@ -48,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check:
         print(yaml.safe_dump(config.redacted(), sort_keys=False), end="")
         return 0
+    if args.command == "jobs":
+        return run_jobs(config, args)
     return serve(config)
 
 
@@ -55,6 +61,9 @@ def serve(config: Config) -> int:
     configure_logging(config.log.level, config.log.format)
     try:
         daemon = build_daemon(config)
+    except StoreCorrupt as exc:
+        print(f"foreman: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except OSError as exc:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1

@@ -10,17 +10,22 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from .api import OllamaApi
 from .app import ForemanApp
 from .config import Config
 from .inventory import Inventory
+from .jobs_api import JobsApi, render_job
 from .server import Server
 from .slot import ChatSlot
+from .store import JobStore
 from .target import TargetClient
 from .warmup import EmbedderWarmer
 from .watch import ClientWatcher
+from .webhook import WebhookNotifier
+from .worker import JobWorker
 
 log = logging.getLogger("foreman")
 
@@ -33,6 +38,9 @@ class Daemon:
     slot: ChatSlot
     watcher: ClientWatcher
     warmer: EmbedderWarmer | None
+    store: JobStore
+    worker: JobWorker
+    notifier: WebhookNotifier
     app: ForemanApp
     server: Server
     _serving: threading.Thread | None = dataclasses.field(default=None, init=False)
@@ -48,6 +56,8 @@ class Daemon:
         if self.warmer is not None:
             self.warmer.start()
         self.inventory.start()
+        self.notifier.start()
+        self.worker.start()
         self._serving = threading.Thread(target=self.server.serve, name="foreman-server",
                                          daemon=True)
         self._serving.start()
@@ -62,17 +72,23 @@ class Daemon:
             return True
         self._stopped = True
         drain = self.config.server.drain_timeout if drain_timeout is None else drain_timeout
+        deadline = time.monotonic() + drain
         self.server.stop_accepting()
+        self.worker.stop_claiming()
         self.slot.close("foreman is shutting down")
         drained = self.app.wait_idle(drain)
         if not drained:
             log.warning("drain timeout: %d requests still in flight are cut", self.app.active)
+        # Jobs still running past the deadline are aborted and go back to the queue.
+        self.worker.stop(max(0.0, deadline - time.monotonic()))
+        self.notifier.stop()
         self.inventory.stop()
         if self.warmer is not None:
             self.warmer.stop()
         self.watcher.stop()
         self.server.close(flush_timeout=5.0 if drained else 0.0)
         self.client.close()
+        self.store.close()
         log.info("foreman stopped")
         return drained
 
@@ -99,6 +115,18 @@ def build_daemon(config: Config) -> Daemon:
         embed_concurrency=config.embed.concurrency,
         allow_admin=config.target.allow_admin,
     )
-    app = ForemanApp(api.rules(), {api.health}, config.token, config.server.max_body)
+    store = JobStore(config.jobs.db)
+    notifier = WebhookNotifier(render_job)
+    worker = JobWorker(
+        store, client, slot, inventory, notifier.notify,
+        generation_workers=config.chat.concurrency,
+        embed_workers=config.embed.concurrency or 2,
+        max_attempts=config.jobs.max_attempts,
+        retention=config.jobs.retention,
+    )
+    jobs = JobsApi(store, worker, inventory, notifier.notify)
+    app = ForemanApp([*api.rules(), *jobs.rules()], {api.health}, config.token,
+                     config.server.max_body)
     server = Server(app, config.listen.host, config.listen.port, threads, config.server.max_body)
-    return Daemon(config, client, inventory, slot, watcher, warmer, app, server)
+    return Daemon(config, client, inventory, slot, watcher, warmer, store, worker, notifier,
+                  app, server)

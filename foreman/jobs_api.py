@@ -1,0 +1,184 @@
+"""The /jobs routes: submit work now, collect it later.
+
+`POST /jobs` answers 202 only after the job is committed to disk; an
+`Idempotency-Key` makes a retried submit return the same job.  `GET
+/jobs/<id>?wait=N` holds the request (up to 60 s) until the job ends, waking
+on every store change.  Listing is newest first with an opaque cursor.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timezone
+from typing import Any
+from urllib.parse import urlsplit
+
+from werkzeug.routing import Rule
+from werkzeug.wrappers import Request
+
+from .api import client_gone_check, read_json_object, required_model
+from .errors import ApiError, json_response
+from .inventory import Inventory
+from .relay import WSGIApp
+from .store import KINDS, STATUSES, Job, JobStore
+from .worker import JobWorker
+
+MAX_WAIT_SECONDS = 60.0
+MAX_LIST_LIMIT = 500
+
+
+def _iso(stamp: float | None) -> str | None:
+    if stamp is None:
+        return None
+    moment = datetime.fromtimestamp(stamp, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def render_job(job: Job, position: int | None = None, partial: str | None = None
+               ) -> dict[str, Any]:
+    document = {
+        "id": job.id, "kind": job.kind, "status": job.status, "priority": job.priority,
+        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at), "attempts": job.attempts,
+        "request": job.request, "result": job.result, "error": job.error,
+        "position": position,
+    }
+    if partial is not None:
+        document["partial"] = partial
+    return document
+
+
+def _is_http_url(value: str) -> bool:
+    parts = urlsplit(value)
+    return parts.scheme in ("http", "https") and bool(parts.netloc)
+
+
+class JobsApi:
+    def __init__(self, store: JobStore, worker: JobWorker, inventory: Inventory,
+                 notify: Any, max_long_polls: int = 8) -> None:
+        self._store, self._worker, self._inventory = store, worker, inventory
+        self._notify = notify
+        # Each long-poll holds a server thread: bound them so they cannot starve the rest.
+        self._long_polls = threading.BoundedSemaphore(max_long_polls)
+
+    def rules(self) -> list[Rule]:
+        return [
+            Rule("/jobs", methods=["POST"], endpoint=self.submit),
+            Rule("/jobs", methods=["GET"], endpoint=self.list),
+            Rule("/jobs/<job_id>", methods=["GET"], endpoint=self.show),
+            Rule("/jobs/<job_id>", methods=["DELETE"], endpoint=self.delete),
+            Rule("/jobs/<job_id>/cancel", methods=["POST"], endpoint=self.cancel),
+        ]
+
+    def document(self, job: Job) -> dict[str, Any]:
+        return render_job(job, self._store.position(job), self._worker.progress(job.id))
+
+    def _answer(self, status: int, payload: Any, headers: dict[str, str] | None = None
+                ) -> WSGIApp:
+        return json_response(status, json.dumps(payload).encode(), headers)
+
+    def submit(self, request: Request) -> WSGIApp:
+        _, body = read_json_object(request)
+        kind = body.get("kind")
+        if kind not in KINDS:
+            raise ApiError(400, f"kind must be one of {', '.join(KINDS)}")
+        job_request = body.get("request")
+        if not isinstance(job_request, dict):
+            raise ApiError(400, "request must be a JSON object (the Ollama request body)")
+        model = required_model(job_request)
+        priority = body.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ApiError(400, "priority must be an integer")
+        webhook = body.get("webhook")
+        if webhook is not None and not (isinstance(webhook, str) and _is_http_url(webhook)):
+            raise ApiError(400, "webhook must be an http(s) URL")
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not 0 < len(key) <= 255:
+            raise ApiError(400, "Idempotency-Key must be 1 to 255 characters")
+        if self._inventory.known_absent(model):
+            raise ApiError(404, f"model '{model}' not found")
+        job, created = self._store.submit(kind, job_request, priority, webhook, key)
+        location = {"Location": f"/jobs/{job.id}"}
+        return self._answer(202 if created else 200, self.document(job), location)
+
+    def show(self, request: Request, job_id: str) -> WSGIApp:
+        wait = _wait_seconds(request.args.get("wait"))
+        job = self._store.get(job_id)
+        if job is None:
+            raise ApiError(404, f"job {job_id} not found")
+        if wait and not job.finished and self._long_polls.acquire(blocking=False):
+            try:
+                job = self._hold(job, wait, client_gone_check(request))
+            finally:
+                self._long_polls.release()
+        return self._answer(200, self.document(job))
+
+    def _hold(self, job: Job, wait: float, gone: Any) -> Job:
+        deadline = time.monotonic() + wait
+        seen = self._store.version
+        while not job.finished and not gone():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            seen = self._store.wait_for_change(seen, min(left, 0.25))
+            job = self._store.get(job.id) or job
+        return job
+
+    def list(self, request: Request) -> WSGIApp:
+        args = request.args
+        status, kind = args.get("status") or None, args.get("kind") or None
+        if status is not None and status not in STATUSES:
+            raise ApiError(400, f"status must be one of {', '.join(STATUSES)}")
+        if kind is not None and kind not in KINDS:
+            raise ApiError(400, f"kind must be one of {', '.join(KINDS)}")
+        limit = _integer(args.get("limit"), "limit", 50)
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise ApiError(400, f"limit must be between 1 and {MAX_LIST_LIMIT}")
+        after = args.get("after")
+        if after is not None and not (after.isdigit() and len(after) < 19):
+            raise ApiError(400, "invalid cursor")
+        jobs, cursor = self._store.list(status, kind, limit, int(after) if after else None)
+        return self._answer(200, {"jobs": [self.document(j) for j in jobs],
+                                  "next": None if cursor is None else str(cursor)})
+
+    def cancel(self, request: Request, job_id: str) -> WSGIApp:
+        job, was = self._store.cancel(job_id)
+        if job is None:
+            raise ApiError(404, f"job {job_id} not found")
+        if was == "final":
+            raise ApiError(409, f"job {job_id} already finished ({job.status})")
+        if was == "running":
+            self._worker.abort(job_id)
+        self._notify(job)
+        return self._answer(200, self.document(job))
+
+    def delete(self, request: Request, job_id: str) -> WSGIApp:
+        outcome = self._store.delete(job_id)
+        if outcome == "missing":
+            raise ApiError(404, f"job {job_id} not found")
+        if outcome == "unfinished":
+            raise ApiError(409, f"job {job_id} has not finished; cancel it first")
+        return self._answer(200, {"id": job_id, "deleted": True})
+
+
+def _integer(text: str | None, name: str, default: int) -> int:
+    if text is None or text == "":
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer") from None
+
+
+def _wait_seconds(text: str | None) -> float:
+    if text is None or text == "":
+        return 0.0
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ApiError(400, "wait must be a number of seconds") from None
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:
+        raise ApiError(400, f"wait must be between 0 and {MAX_WAIT_SECONDS:.0f} seconds")
+    return seconds

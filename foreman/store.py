@@ -1,0 +1,336 @@
+"""The durable job queue: one SQLite file, one writer connection, explicit transactions.
+
+A job is accepted only once its row is committed with `synchronous=FULL`, so
+a `kill -9` at any moment loses nothing that was answered 202.  Every write
+runs in `BEGIN IMMEDIATE` behind one lock; every state change after the claim
+is a compare-and-set on (id, status, attempts), so a worker whose job was
+cancelled, or re-claimed after a restart, can never overwrite the newer state.
+Rows found `running` when the store opens are orphans of a crash: they go back
+to the queue, or fail once their attempts are spent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ApiError
+
+KINDS = ("chat", "generate", "embed")
+FINAL = ("succeeded", "failed", "cancelled")
+STATUSES = ("queued", "running", *FINAL)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    request TEXT NOT NULL,
+    webhook TEXT,
+    idempotency_key TEXT UNIQUE,
+    fingerprint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    not_before REAL NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    error TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_line ON jobs (status, priority DESC, seq);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+"""
+
+
+class StoreUnavailable(ApiError):
+    """The job database cannot be written (read-only, disk full, locked too long)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(503, f"the job store cannot accept work right now: {detail}",
+                         {"Retry-After": "5"})
+
+
+class StoreCorrupt(Exception):
+    """The job database file exists but is not a usable SQLite database."""
+
+
+@dataclass
+class Job:
+    id: str
+    seq: int
+    kind: str
+    status: str
+    priority: int
+    request: dict[str, Any]
+    webhook: str | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    not_before: float
+    attempts: int
+    result: Any
+    error: str | None
+
+    @property
+    def model(self) -> str:
+        return str(self.request.get("model", ""))
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"], seq=row["seq"], kind=row["kind"], status=row["status"],
+        priority=row["priority"], request=json.loads(row["request"]), webhook=row["webhook"],
+        created_at=row["created_at"], started_at=row["started_at"],
+        finished_at=row["finished_at"], not_before=row["not_before"],
+        attempts=row["attempts"], result=None if row["result"] is None else json.loads(
+            row["result"]), error=row["error"],
+    )
+
+
+def fingerprint(kind: str, request: dict[str, Any], priority: int, webhook: str | None) -> str:
+    canonical = json.dumps([kind, request, priority, webhook], sort_keys=True,
+                           separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class JobStore:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(threading.Lock())
+        self._version = 0
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
+                                       timeout=10)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = FULL")
+            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise StoreCorrupt(f"{path}: the job database failed its integrity check")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreCorrupt(f"{path}: cannot open the job database: {exc}") from None
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; an OS-level failure becomes StoreUnavailable."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(str(exc)) from None
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
+    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            try:
+                return self._db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as exc:
+                raise StoreUnavailable(str(exc)) from None
+
+    def wait_for_change(self, seen: int, timeout: float) -> int:
+        """Block until any write after version `seen`, or timeout; return the version."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._version != seen, timeout)
+            return self._version
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # -- submitting and reading -------------------------------------------------
+
+    def submit(self, kind: str, request: dict[str, Any], priority: int = 0,
+               webhook: str | None = None, idempotency_key: str | None = None
+               ) -> tuple[Job, bool]:
+        """Commit a new job; returns (job, created).  A replayed key returns the
+        existing job with created=False; the same key with another body is a 409."""
+        print_ = fingerprint(kind, request, priority, webhook)
+        with self._write() as db:
+            if idempotency_key is not None:
+                row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?",
+                                 (idempotency_key,)).fetchone()
+                if row is not None:
+                    if row["fingerprint"] != print_:
+                        raise ApiError(409, "this Idempotency-Key was used for a different job")
+                    return _job(row), False
+            job_id = uuid.uuid4().hex
+            db.execute(
+                "INSERT INTO jobs (id, kind, status, priority, request, webhook, idempotency_key,"
+                " fingerprint, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, priority, json.dumps(request), webhook, idempotency_key,
+                 print_, self._clock()),
+            )
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row), True
+
+    def get(self, job_id: str) -> Job | None:
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def position(self, job: Job) -> int | None:
+        """1-based place among queued jobs, or None when not queued."""
+        if job.status != "queued":
+            return None
+        ahead = self._read(
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND"
+            " (priority > ? OR (priority = ? AND seq < ?))",
+            (job.priority, job.priority, job.seq),
+        )[0][0]
+        return int(ahead) + 1
+
+    def list(self, status: str | None = None, kind: str | None = None, limit: int = 50,
+             after: int | None = None) -> tuple[list[Job], int | None]:
+        """Newest first; `after` is the cursor (a seq) returned by the previous page."""
+        where, args = [], []
+        if status:
+            where.append("status = ?")
+            args.append(status)
+        if kind:
+            where.append("kind = ?")
+            args.append(kind)
+        if after is not None:
+            where.append("seq < ?")
+            args.append(after)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._read(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
+                          (*args, limit + 1))
+        jobs = [_job(r) for r in rows[:limit]]
+        return jobs, jobs[-1].seq if len(rows) > limit else None
+
+    def queued(self, kinds: tuple[str, ...]) -> list[Job]:
+        marks = ",".join("?" * len(kinds))
+        rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
+                          " ORDER BY priority DESC, seq", kinds)
+        return [_job(r) for r in rows]
+
+    def next_ready_at(self, kinds: tuple[str, ...]) -> float | None:
+        """When the earliest queued job of these kinds may run (None: nothing queued)."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._read(
+            f"SELECT MIN(not_before) FROM jobs WHERE status = 'queued' AND kind IN ({marks})",
+            kinds)
+        return rows[0][0]
+
+    # -- the worker's side --------------------------------------------------------
+
+    def claim(self, kinds: tuple[str, ...]) -> Job | None:
+        """Atomically take the best ready job of these kinds and mark it running."""
+        marks = ",".join("?" * len(kinds))
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute(
+                f"SELECT id FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
+                " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1", (*kinds, now),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1,"
+                       " started_at = ? WHERE id = ? AND status = 'queued'", (now, row["id"]))
+            claimed = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        return _job(claimed)
+
+    def finish(self, job: Job, status: str, result: Any = None, error: str | None = None
+               ) -> bool:
+        """running -> a final state, if this attempt still owns the job."""
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?"
+                " WHERE id = ? AND status = 'running' AND attempts = ?",
+                (status, None if result is None else json.dumps(result), error, self._clock(),
+                 job.id, job.attempts),
+            ).rowcount
+        return changed == 1
+
+    def requeue(self, job: Job, delay: float, spend_attempt: bool, error: str | None) -> bool:
+        """running -> queued after `delay` seconds; a target outage does not spend an attempt."""
+        with self._write() as db:
+            changed = db.execute(
+                "UPDATE jobs SET status = 'queued', not_before = ?, error = ?, started_at = NULL,"
+                " attempts = attempts - ? WHERE id = ? AND status = 'running' AND attempts = ?",
+                (self._clock() + delay, error, 0 if spend_attempt else 1, job.id, job.attempts),
+            ).rowcount
+        return changed == 1
+
+    def recover_orphans(self, max_attempts: int) -> tuple[int, int]:
+        """At start-up: running rows were interrupted by a crash.  Returns (requeued, failed)."""
+        now = self._clock()
+        with self._write() as db:
+            failed = db.execute(
+                "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted:"
+                " foreman stopped while the job was running, and its attempts are spent'"
+                " WHERE status = 'running' AND attempts >= ?", (now, max_attempts),
+            ).rowcount
+            requeued = db.execute(
+                "UPDATE jobs SET status = 'queued', started_at = NULL, not_before = 0"
+                " WHERE status = 'running'").rowcount
+        return requeued, failed
+
+    # -- the client's side ----------------------------------------------------------
+
+    def cancel(self, job_id: str) -> tuple[Job | None, str]:
+        """Returns (job after the change, what was cancelled: queued|running|final|missing)."""
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None, "missing"
+            was = row["status"]
+            if was in FINAL:
+                return _job(row), "final"
+            db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?,"
+                       " error = 'cancelled by request' WHERE id = ?", (self._clock(), job_id))
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row), was
+
+    def delete(self, job_id: str) -> str:
+        """Remove a finished job.  Returns deleted|missing|unfinished."""
+        with self._write() as db:
+            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return "missing"
+            if row["status"] not in FINAL:
+                return "unfinished"
+            db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
+        return "deleted"
+
+    def prune(self, older_than: float) -> int:
+        with self._write() as db:
+            return db.execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND"
+                              " finished_at < ?", (self._clock() - older_than,)).rowcount
+
+    def counts(self) -> dict[str, int]:
+        rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r[0]: r[1] for r in rows})
+        return counts

@@ -1,0 +1,285 @@
+"""Runs queued jobs against the target, as soon as the GPU is free and the target is up.
+
+Generation workers (one per chat-slot place) queue for the chat slot behind
+every interactive request and claim the best job only once they hold the
+slot, so the job that runs is the best one at that moment and the gap from
+one job to the next is a claim, not a poll.  Embed jobs skip the slot.
+
+Outcomes: a target 4xx fails the job with the target's error; a 5xx is
+retried with backoff until `max_attempts`; a target that cannot be reached
+puts the job back without spending an attempt, and workers wait for the
+inventory to see the target again.  A cancelled running job has its upstream
+request aborted.  Finished jobs go to the webhook notifier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import TargetHTTPError, TargetUnreachable
+from .inventory import Inventory
+from .slot import BATCH, ChatSlot, WaitCancelled, Work
+from .store import Job, JobStore, StoreUnavailable
+from .target import AbortSignal, TargetClient
+
+log = logging.getLogger("foreman.jobs")
+
+GENERATION_KINDS = ("chat", "generate")
+EMBED_KINDS = ("embed",)
+OUTAGE_RETRY_SECONDS = 1.0
+MAINTENANCE_SECONDS = 60.0
+
+
+def retry_delay(attempts: int) -> float:
+    """Backoff after a failed attempt: 2 s, 4 s, 8 s ... capped at a minute."""
+    return float(min(60, 2 ** attempts))
+
+
+@dataclass
+class Running:
+    job: Job
+    abort: AbortSignal
+    pieces: list[str] = field(default_factory=list)
+    chunks: int = 0
+
+
+class JobWorker:
+    def __init__(
+        self,
+        store: JobStore,
+        client: TargetClient,
+        slot: ChatSlot,
+        inventory: Inventory,
+        notify: Callable[[Job], None],
+        *,
+        generation_workers: int = 1,
+        embed_workers: int = 2,
+        max_attempts: int = 3,
+        retention: float = 7 * 86400.0,
+    ) -> None:
+        self._store, self._client, self._slot = store, client, slot
+        self._inventory, self._notify = inventory, notify
+        self._max_attempts, self._retention = max_attempts, retention
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[str, Running] = {}
+        self._threads = [
+            *(threading.Thread(target=self._loop, args=(GENERATION_KINDS, True),
+                               name=f"foreman-job-gen-{i}", daemon=True)
+              for i in range(generation_workers)),
+            *(threading.Thread(target=self._loop, args=(EMBED_KINDS, False),
+                               name=f"foreman-job-embed-{i}", daemon=True)
+              for i in range(embed_workers)),
+            threading.Thread(target=self._maintain, name="foreman-job-maint", daemon=True),
+        ]
+
+    def start(self) -> None:
+        requeued, failed = self._store.recover_orphans(self._max_attempts)
+        if requeued or failed:
+            log.warning("recovered jobs interrupted by a restart: %d requeued, %d failed",
+                        requeued, failed)
+        for thread in self._threads:
+            thread.start()
+
+    def stop_claiming(self) -> None:
+        self._stop.set()
+
+    def stop(self, timeout: float) -> None:
+        """Stop claiming, give running jobs `timeout` seconds, then abort and requeue them."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            running = list(self._running.values())
+        for item in running:
+            item.abort.abort()
+        for thread in self._threads:
+            thread.join(5)
+
+    # -- what the API shows -----------------------------------------------------
+
+    def progress(self, job_id: str) -> str | None:
+        """The text generated so far by a running chat/generate job."""
+        with self._lock:
+            item = self._running.get(job_id)
+            return "".join(item.pieces) if item is not None else None
+
+    def abort(self, job_id: str) -> bool:
+        """Cut a running job's upstream request (after the store marked it cancelled)."""
+        with self._lock:
+            item = self._running.get(job_id)
+        if item is None:
+            return False
+        item.abort.abort()
+        return True
+
+    # -- the loops ----------------------------------------------------------------
+
+    def _wait(self, seen: int, timeout: float) -> None:
+        if not self._stop.is_set():
+            self._store.wait_for_change(seen, timeout)
+
+    def _loop(self, kinds: tuple[str, ...], through_slot: bool) -> None:
+        while not self._stop.is_set():
+            try:
+                self._step(kinds, through_slot)
+            except StoreUnavailable as exc:
+                log.error("job store unavailable, retrying: %s", exc.message)
+                self._stop.wait(OUTAGE_RETRY_SECONDS)
+            except Exception:
+                log.exception("job worker error")
+                self._stop.wait(OUTAGE_RETRY_SECONDS)
+
+    def _step(self, kinds: tuple[str, ...], through_slot: bool) -> None:
+        seen = self._store.version
+        if self._inventory.snapshot.degraded and self._inventory.snapshot.last_attempt:
+            # Jobs wait for the target instead of failing against it.
+            self._inventory.wait_for(lambda s: not s.degraded or self._stop.is_set(), 1.0)
+            return
+        ready_at = self._store.next_ready_at(kinds)
+        if ready_at is None or ready_at > time.time():
+            self._wait(seen, 1.0 if ready_at is None else min(1.0, ready_at - time.time()))
+            return
+        if not through_slot:
+            job = self._store.claim(kinds)
+            if job is not None:
+                self._run(job)
+            return
+        head = self._store.queued(kinds)
+        if not head:
+            return
+        work = Work(kind="job", model=head[0].model, tier=BATCH, priority=head[0].priority,
+                    label=head[0].id)
+        try:
+            lease = self._slot.acquire(work)
+        except WaitCancelled:
+            return  # shutting down
+        try:
+            job = self._store.claim(kinds) if not self._stop.is_set() else None
+            if job is not None:
+                lease.work.label, lease.work.model = job.id, job.model
+                self._run(job)
+        finally:
+            lease.release()
+
+    def _maintain(self) -> None:
+        while True:
+            try:
+                pruned = self._store.prune(self._retention)
+                if pruned:
+                    log.info("pruned %d finished jobs older than the retention", pruned)
+            except StoreUnavailable as exc:
+                log.error("job pruning failed: %s", exc.message)
+            if self._stop.wait(MAINTENANCE_SECONDS):
+                return
+
+    # -- one job ------------------------------------------------------------------
+
+    def _run(self, job: Job) -> None:
+        item = Running(job, AbortSignal())
+        with self._lock:
+            self._running[job.id] = item
+        try:
+            result = self._generate(item) if job.kind in GENERATION_KINDS else self._embed(item)
+        except TargetHTTPError as exc:
+            self._failed_attempt(job, exc)
+        except TargetUnreachable as exc:
+            if item.abort.aborted and not self._stop.is_set():
+                return  # cancelled: the store already says so
+            self._inventory.poll_soon()
+            log.info("job %s waits for the target: %s", job.id, exc)
+            self._store.requeue(job, OUTAGE_RETRY_SECONDS, spend_attempt=False, error=str(exc))
+        else:
+            self._settle(job, "succeeded", result=result)
+        finally:
+            with self._lock:
+                self._running.pop(job.id, None)
+
+    def _failed_attempt(self, job: Job, exc: TargetHTTPError) -> None:
+        if exc.status < 500:
+            self._settle(job, "failed", error=exc.message)
+        elif job.attempts >= self._max_attempts:
+            self._settle(job, "failed", error=f"{exc.message} (after {job.attempts} attempts)")
+        else:
+            log.info("job %s attempt %d failed (%s); retrying", job.id, job.attempts, exc)
+            self._store.requeue(job, retry_delay(job.attempts), spend_attempt=True,
+                                error=exc.message)
+
+    def _settle(self, job: Job, status: str, result: Any = None, error: str | None = None
+                ) -> None:
+        if self._store.finish(job, status, result, error):
+            finished = self._store.get(job.id)
+            if finished is not None:
+                self._notify(finished)
+
+    def _embed(self, item: Running) -> Any:
+        _, result = self._client.call("POST", "/api/embed", item.job.request,
+                                      abort=item.abort)
+        return result
+
+    def _generate(self, item: Running) -> dict[str, Any]:
+        job = item.job
+        body = json.dumps({**job.request, "stream": True}).encode()
+        upstream = self._client.open("POST", f"/api/{job.kind}", body, "application/json",
+                                     item.abort)
+        try:
+            if upstream.status != 200:
+                raise TargetHTTPError(upstream.status, upstream.read(), upstream.content_type)
+            final: dict[str, Any] | None = None
+            assembled = _Assembly(job.kind)
+            for line in upstream.lines():
+                chunk = json.loads(line)
+                if "error" in chunk:
+                    raise TargetHTTPError(500, line, "application/json")
+                piece = assembled.add(chunk)
+                with self._lock:
+                    item.pieces.append(piece)
+                    item.chunks += 1
+                if chunk.get("done"):
+                    final = chunk
+            if final is None:
+                raise TargetUnreachable("the stream ended before its final message")
+            return assembled.result(final)
+        finally:
+            upstream.close()
+
+
+class _Assembly:
+    """Builds the answer a non-streaming call would have returned, from stream chunks."""
+
+    def __init__(self, kind: str) -> None:
+        self._kind = kind
+        self._text: list[str] = []
+        self._thinking: list[str] = []
+        self._tool_calls: list[Any] = []
+
+    def add(self, chunk: dict[str, Any]) -> str:
+        part = (chunk.get("message") or {}) if self._kind == "chat" else chunk
+        text = part.get("content" if self._kind == "chat" else "response") or ""
+        self._text.append(text)
+        self._thinking.append(part.get("thinking") or "")
+        self._tool_calls.extend(part.get("tool_calls") or [])
+        return text
+
+    def result(self, final: dict[str, Any]) -> dict[str, Any]:
+        result = dict(final)
+        text, thinking = "".join(self._text), "".join(self._thinking)
+        if self._kind == "chat":
+            message = {**(final.get("message") or {}), "role": "assistant", "content": text}
+            if thinking:
+                message["thinking"] = thinking
+            if self._tool_calls:
+                message["tool_calls"] = self._tool_calls
+            result["message"] = message
+        else:
+            result["response"] = text
+            if thinking:
+                result["thinking"] = thinking
+        return result

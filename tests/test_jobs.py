@@ -1,0 +1,264 @@
+"""Async jobs over real sockets: submit, wait, results, cancel, order, outages, webhooks."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import requests
+
+from foreman.daemon import Daemon
+from tests.fake_ollama import FakeOllama, Fault, embedding_for
+
+CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def submit(daemon: Daemon, kind: str, request: dict, **extra: object) -> requests.Response:
+    headers = extra.pop("headers", None)
+    return requests.post(daemon.url + "/jobs", json={"kind": kind, "request": request, **extra},
+                         headers=headers, timeout=10)
+
+
+def wait_job(daemon: Daemon, job_id: str, seconds: float = 20) -> dict:
+    return requests.get(f"{daemon.url}/jobs/{job_id}", params={"wait": seconds},
+                        timeout=seconds + 5).json()
+
+
+def test_chat_job_result_is_the_non_streaming_answer(foreman: Daemon, fake: FakeOllama) -> None:
+    response = submit(foreman, "chat", CHAT)
+    assert response.status_code == 202
+    job = response.json()
+    assert response.headers["Location"] == f"/jobs/{job['id']}"
+    assert job["status"] in ("queued", "running") and job["kind"] == "chat"
+    assert set(job) >= {"id", "kind", "status", "priority", "created_at", "started_at",
+                        "finished_at", "attempts", "request", "result", "error", "position"}
+    done = wait_job(foreman, job["id"])
+    assert done["status"] == "succeeded" and done["attempts"] == 1 and done["error"] is None
+    direct = requests.post(fake.url + "/api/chat", json={**CHAT, "stream": False},
+                           timeout=5).json()
+    assert done["result"] == direct
+    assert done["finished_at"] >= done["started_at"] >= done["created_at"]
+
+
+def test_generate_and_embed_jobs(foreman: Daemon) -> None:
+    generate = submit(foreman, "generate", {"model": "llama3", "prompt": "hi"}).json()
+    embed = submit(foreman, "embed", {"model": "nomic-embed-text", "input": ["a", "b"]}).json()
+    generated = wait_job(foreman, generate["id"])
+    assert generated["result"]["response"] == "tok0 tok1 tok2 tok3 tok4 "
+    assert generated["result"]["context"] == [1, 2, 3]
+    embedded = wait_job(foreman, embed["id"])
+    assert embedded["status"] == "succeeded"
+    assert embedded["result"]["embeddings"] == [embedding_for("a"), embedding_for("b")]
+
+
+def test_idempotent_replay_and_conflict(foreman: Daemon) -> None:
+    key = {"Idempotency-Key": "order-42"}
+    first = submit(foreman, "chat", CHAT, headers=key)
+    again = submit(foreman, "chat", CHAT, headers=key)
+    assert first.status_code == 202 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    other = submit(foreman, "chat", {**CHAT, "model": "nomic-embed-text"}, headers=key)
+    assert other.status_code == 409
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    (b"", "missing request body"),
+    (b"{oops", "invalid JSON"),
+    (b'{"kind":"dance","request":{"model":"llama3"}}', "kind must be one of"),
+    (b'{"kind":"chat","request":"hi"}', "request must be a JSON object"),
+    (b'{"kind":"chat","request":{}}', "model is required"),
+    (b'{"kind":"chat","request":{"model":"llama3"},"priority":"high"}', "priority must be"),
+    (b'{"kind":"chat","request":{"model":"llama3"},"priority":1.5}', "priority must be"),
+    (b'{"kind":"chat","request":{"model":"llama3"},"priority":true}', "priority must be"),
+    (b'{"kind":"chat","request":{"model":"llama3"},"webhook":"ftp://x"}', "webhook must be"),
+    (b'{"kind":"chat","request":{"model":"llama3"},"webhook":"nope"}', "webhook must be"),
+])
+def test_bad_submissions_are_400(foreman: Daemon, body: bytes, error: str) -> None:
+    response = requests.post(foreman.url + "/jobs", data=body, timeout=5)
+    assert response.status_code == 400
+    assert error in response.json()["error"]
+
+
+def test_unknown_model_404_unknown_id_404_bad_cursor_400(foreman: Daemon) -> None:
+    assert submit(foreman, "chat", {"model": "ghost"}).status_code == 404
+    assert requests.get(foreman.url + "/jobs/nope", timeout=5).status_code == 404
+    assert requests.post(foreman.url + "/jobs/nope/cancel", timeout=5).status_code == 404
+    assert requests.delete(foreman.url + "/jobs/nope", timeout=5).status_code == 404
+    for query in ("after=abc", "after=-1", "limit=0", "limit=x", "status=weird", "kind=x"):
+        assert requests.get(foreman.url + "/jobs?" + query, timeout=5).status_code == 400
+    for wait in ("x", "61", "-1", "nan"):
+        assert requests.get(foreman.url + f"/jobs/nope?wait={wait}", timeout=5).status_code == 400
+
+
+def test_list_pagination_and_filters(foreman: Daemon) -> None:
+    ids = [submit(foreman, "embed", {"model": "nomic-embed-text", "input": str(i)}).json()["id"]
+           for i in range(5)]
+    for job_id in ids:
+        wait_job(foreman, job_id)
+    page = requests.get(foreman.url + "/jobs?limit=2&kind=embed", timeout=5).json()
+    assert [j["id"] for j in page["jobs"]] == ids[:-3:-1]
+    rest = requests.get(foreman.url + f"/jobs?limit=10&after={page['next']}", timeout=5).json()
+    assert [j["id"] for j in rest["jobs"]] == ids[2::-1] and rest["next"] is None
+    assert requests.get(foreman.url + "/jobs?status=queued", timeout=5).json()["jobs"] == []
+
+
+def hold_slot(daemon: Daemon, fake: FakeOllama, seconds: float = 30) -> threading.Thread:
+    """An interactive chat that occupies the chat slot until the fake is released."""
+    fake.fault("/api/chat", Fault("hang", seconds=seconds))
+    thread = threading.Thread(target=lambda: requests.post(
+        daemon.url + "/api/chat", json=CHAT, timeout=60))
+    thread.start()
+    assert daemon.slot.wait_for(lambda s: s.in_flight == 1, 5)
+    assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 1)
+    return thread
+
+
+def test_priority_order_and_cancel_queued(foreman: Daemon, fake: FakeOllama) -> None:
+    holder = hold_slot(foreman, fake)
+    jobs = {name: submit(foreman, "chat", {**CHAT, "options": {"tag": name}},
+                         priority=prio).json()["id"]
+            for name, prio in (("low-a", 0), ("high", 10), ("low-b", 0), ("mid", 5), ("gone", 7))}
+    queued = requests.get(f"{foreman.url}/jobs/{jobs['low-b']}", timeout=5).json()
+    assert queued["status"] == "queued" and queued["position"] == 5
+    cancelled = requests.post(f"{foreman.url}/jobs/{jobs['gone']}/cancel", timeout=5)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    fake.release.set()
+    holder.join(10)
+    for job_id in jobs.values():
+        wait_job(foreman, job_id)
+    tags = [r.json["options"]["tag"] for r in fake.requests_to("/api/chat")[1:]]
+    assert tags == ["high", "mid", "low-a", "low-b"]
+    again = requests.post(f"{foreman.url}/jobs/{jobs['high']}/cancel", timeout=5)
+    assert again.status_code == 409
+    assert requests.delete(f"{foreman.url}/jobs/{jobs['high']}", timeout=5).status_code == 200
+
+
+def test_an_interactive_chat_overtakes_queued_jobs(foreman: Daemon, fake: FakeOllama) -> None:
+    fake.fault("/api/chat", Fault("hang"))  # job-1 holds the slot until released
+    first = submit(foreman, "chat", {**CHAT, "options": {"tag": "job-1"}}).json()["id"]
+    assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 1)
+    later = [submit(foreman, "chat", {**CHAT, "options": {"tag": f"job-{i}"}}).json()["id"]
+             for i in (2, 3)]
+    answers: list[requests.Response] = []
+    interactive = threading.Thread(target=lambda: answers.append(requests.post(
+        foreman.url + "/api/chat", timeout=20,
+        json={**CHAT, "stream": False, "options": {"tag": "interactive"}})))
+    interactive.start()
+    assert foreman.slot.wait_for(lambda s: s.waiting == 1, 5)
+    fake.release.set()
+    interactive.join(20)
+    assert answers[0].status_code == 200
+    for job_id in later:
+        assert wait_job(foreman, job_id)["status"] == "succeeded"
+    # job-1's connection was cut by the release: it was requeued and ran again.
+    assert wait_job(foreman, first)["status"] == "succeeded"
+    tags = [r.json["options"]["tag"] for r in fake.requests_to("/api/chat")]
+    assert tags[:2] == ["job-1", "interactive"]
+    assert sorted(tags[2:]) == ["job-1", "job-2", "job-3"]
+
+
+def test_cancel_running_aborts_the_upstream(foreman: Daemon, fake: FakeOllama) -> None:
+    fake.token_delay = 0.05
+    fake.tokens = 400
+    job_id = submit(foreman, "chat", CHAT).json()["id"]
+    assert fake.wait_for(lambda: fake.stats.generations_active == 1)
+
+    def has_partial() -> bool:
+        job = requests.get(f"{foreman.url}/jobs/{job_id}", timeout=5).json()
+        return job["status"] == "running" and job.get("partial", "").startswith("tok0 tok1 ")
+
+    assert fake.wait_for(lambda: len(fake.received) > 0 and has_partial(), 10)
+    response = requests.post(f"{foreman.url}/jobs/{job_id}/cancel", timeout=5)
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    assert fake.wait_for(lambda: "/api/chat" in fake.stats.gone, 3)
+    final = wait_job(foreman, job_id, 2)
+    assert final["status"] == "cancelled" and final["error"] == "cancelled by request"
+    assert foreman.slot.wait_for(lambda s: s.in_flight == 0, 3)
+
+
+def test_jobs_wait_while_the_target_is_down_and_finish_after(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama) -> None:
+    daemon = make_foreman(target={"connect_timeout": "300ms"})
+    fake.stop()
+    assert daemon.inventory.wait_for(lambda s: s.degraded, 3)
+    ids = [submit(daemon, kind, req).json()["id"] for kind, req in (
+        ("chat", CHAT), ("embed", {"model": "nomic-embed-text", "input": "x"}),
+        ("generate", {"model": "ghost-while-down", "prompt": "x"}))]
+    statuses = [requests.get(f"{daemon.url}/jobs/{i}", timeout=5).json() for i in ids]
+    assert all(s["status"] == "queued" for s in statuses)
+    fake.add_model("ghost-while-down:latest")
+    fake.start()
+    finished = [wait_job(daemon, i) for i in ids]
+    assert [f["status"] for f in finished] == ["succeeded"] * 3
+    assert all(f["attempts"] == 1 for f in finished)
+
+
+def test_target_4xx_fails_at_once_and_5xx_is_retried(
+        foreman: Daemon, fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
+    fake.fault("/api/generate", Fault("status", status=400, body=b'{"error":"bad options"}'))
+    failed = wait_job(foreman, submit(foreman, "generate", {"model": "llama3"}).json()["id"])
+    assert failed["status"] == "failed" and failed["error"] == "bad options"
+    assert failed["attempts"] == 1
+    fake.fault("/api/generate", Fault("status", status=500, body=b'{"error":"runner died"}'))
+    retried = wait_job(foreman, submit(foreman, "generate", {"model": "llama3"}).json()["id"])
+    assert retried["status"] == "succeeded" and retried["attempts"] == 2
+    for _ in range(3):
+        fake.fault("/api/embed", Fault("status", status=500, body=b'{"error":"oom"}'))
+    spent = wait_job(foreman, submit(foreman, "embed", {"model": "llama3", "input": "x"}).json()[
+        "id"])
+    assert spent["status"] == "failed" and spent["attempts"] == 3
+    assert spent["error"].startswith("oom")
+
+
+class Hook:
+    """A webhook receiver that fails its first delivery."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.cond = threading.Condition()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with hook.cond:
+                    hook.received.append(json.loads(body))
+                    hook.cond.notify_all()
+                self.send_response(500 if len(hook.received) == 1 else 204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/done?secret=1"
+
+
+@pytest.fixture
+def hook() -> Iterator[Hook]:
+    receiver = Hook()
+    yield receiver
+    receiver.server.shutdown()
+
+
+def test_webhook_gets_the_finished_job_with_retries(foreman: Daemon, hook: Hook) -> None:
+    job_id = submit(foreman, "chat", CHAT, webhook=hook.url).json()["id"]
+    with hook.cond:
+        assert hook.cond.wait_for(lambda: len(hook.received) == 2, 10)
+    assert hook.received[0] == hook.received[1]
+    assert hook.received[1]["id"] == job_id and hook.received[1]["status"] == "succeeded"
+
+
+def test_long_poll_returns_when_the_job_ends(foreman: Daemon, fake: FakeOllama) -> None:
+    fake.token_delay = 0.05
+    job_id = submit(foreman, "chat", CHAT).json()["id"]
+    done = requests.get(f"{foreman.url}/jobs/{job_id}?wait=30", timeout=40).json()
+    assert done["status"] == "succeeded"
+    quick = requests.get(f"{foreman.url}/jobs/{job_id}?wait=0", timeout=5)
+    assert quick.status_code == 200

@@ -1,0 +1,147 @@
+"""The job store alone: durability rules, compare-and-set transitions, orphans, pruning."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from foreman.errors import ApiError
+from foreman.store import JobStore, StoreCorrupt, StoreUnavailable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def store(tmp_path: Path, clock: Clock) -> JobStore:
+    return JobStore(str(tmp_path / "jobs.db"), clock=clock)
+
+
+def test_settings_make_commits_durable(store: JobStore) -> None:
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_claim_order_is_priority_then_arrival(store: JobStore) -> None:
+    low, _ = store.submit("chat", {"model": "m", "n": 1}, priority=0)
+    high, _ = store.submit("chat", {"model": "m", "n": 2}, priority=5)
+    low2, _ = store.submit("chat", {"model": "m", "n": 3}, priority=0)
+    store.submit("embed", {"model": "e"})
+    assert [store.position(j) for j in (high, low, low2)] == [1, 2, 3]
+    order = [store.claim(("chat", "generate")) for _ in range(3)]
+    assert [j.id for j in order if j] == [high.id, low.id, low2.id]
+    assert all(j.status == "running" and j.attempts == 1 for j in order if j)
+    assert store.claim(("chat",)) is None
+    assert store.claim(("embed",)) is not None
+
+
+def test_transitions_are_compare_and_set(store: JobStore) -> None:
+    store.submit("chat", {"model": "m"})
+    job = store.claim(("chat",))
+    assert job is not None
+    cancelled, was = store.cancel(job.id)
+    assert was == "running" and cancelled is not None and cancelled.status == "cancelled"
+    assert not store.finish(job, "succeeded", result={"x": 1})  # lost the race: no overwrite
+    assert store.get(job.id).status == "cancelled"
+
+
+def test_requeue_without_spending_an_attempt_and_backoff(store: JobStore, clock: Clock) -> None:
+    store.submit("chat", {"model": "m"})
+    job = store.claim(("chat",))
+    assert store.requeue(job, 10.0, spend_attempt=False, error="target down")
+    assert store.get(job.id).attempts == 0
+    assert store.claim(("chat",)) is None  # not before 10 s
+    clock.now += 10
+    again = store.claim(("chat",))
+    assert again is not None and again.attempts == 1
+    assert store.requeue(again, 0, spend_attempt=True, error="500")
+    assert store.get(job.id).attempts == 1
+
+
+def test_idempotency_key_replays_or_conflicts(store: JobStore) -> None:
+    first, created = store.submit("chat", {"model": "m"}, idempotency_key="k1")
+    again, created_again = store.submit("chat", {"model": "m"}, idempotency_key="k1")
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(ApiError) as conflict:
+        store.submit("chat", {"model": "other"}, idempotency_key="k1")
+    assert conflict.value.status == 409
+
+
+def test_orphans_are_requeued_or_failed_when_attempts_are_spent(tmp_path: Path,
+                                                                clock: Clock) -> None:
+    path = str(tmp_path / "jobs.db")
+    store = JobStore(path, clock=clock)
+    fresh, _ = store.submit("chat", {"model": "m"})
+    tired, _ = store.submit("chat", {"model": "m"}, priority=9)
+    for _ in range(3):  # three interrupted attempts
+        claimed = store.claim(("chat",))
+        assert claimed is not None and claimed.id == tired.id
+        if claimed.attempts < 3:
+            store.requeue(claimed, 0, spend_attempt=True, error=None)
+    assert store.claim(("chat",)).id == fresh.id
+    store.close()  # "crash": both rows are running
+
+    reopened = JobStore(path, clock=clock)
+    assert reopened.recover_orphans(max_attempts=3) == (1, 1)
+    assert reopened.get(fresh.id).status == "queued"
+    failed = reopened.get(tired.id)
+    assert failed.status == "failed" and failed.error.startswith("interrupted")
+
+
+def test_list_is_newest_first_with_a_cursor(store: JobStore) -> None:
+    ids = [store.submit("embed", {"model": "m", "i": i})[0].id for i in range(5)]
+    page, cursor = store.list(limit=2)
+    assert [j.id for j in page] == ids[:-3:-1]
+    page2, cursor2 = store.list(limit=2, after=cursor)
+    page3, cursor3 = store.list(limit=2, after=cursor2)
+    assert [j.id for j in page2 + page3] == ids[2::-1] and cursor3 is None
+    assert store.list(status="running")[0] == []
+
+
+def test_prune_removes_only_old_finished_jobs(store: JobStore, clock: Clock) -> None:
+    store.submit("chat", {"model": "m"})
+    job = store.claim(("chat",))
+    store.finish(job, "succeeded", result={})
+    waiting, _ = store.submit("chat", {"model": "m"})
+    clock.now += 3600
+    assert store.prune(older_than=7200) == 0
+    clock.now += 7200
+    assert store.prune(older_than=7200) == 1
+    assert store.get(job.id) is None and store.get(waiting.id) is not None
+
+
+def test_delete_only_finished(store: JobStore) -> None:
+    job, _ = store.submit("chat", {"model": "m"})
+    assert store.delete(job.id) == "unfinished"
+    store.cancel(job.id)
+    assert store.delete(job.id) == "deleted"
+    assert store.delete(job.id) == "missing"
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreCorrupt, match=str(path)):
+        JobStore(str(path))
+
+
+def test_read_only_database_refuses_writes_with_503(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    JobStore(str(path)).close()
+    store = JobStore(f"file:{path}?mode=ro")
+    with pytest.raises(StoreUnavailable) as refused:
+        store.submit("chat", {"model": "m"})
+    assert refused.value.status == 503 and "readonly" in refused.value.message
+    assert not isinstance(refused.value, sqlite3.Error)
