@@ -120,6 +120,11 @@ class Inventory:
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self._snapshot), timeout)
 
+    def wake_waiters(self) -> None:
+        """Wake every `wait_for` caller so it can re-check its predicate."""
+        with self._cond:
+            self._cond.notify_all()
+
     def on_reachable(self, listener: Callable[[], None]) -> None:
         """Call `listener` (on the poller thread) whenever the target becomes reachable."""
         self._state.listeners.append(listener)
@@ -149,6 +154,8 @@ class Inventory:
         """
         if self.has_model(name):
             return False
+        if self._snapshot.degraded and self._snapshot.last_attempt is not None:
+            return False  # a re-poll would only fail again
         self.refresh(for_miss=True)
         snapshot = self._snapshot
         return not snapshot.degraded and canonical_model_name(name) not in snapshot.names

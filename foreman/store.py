@@ -161,6 +161,12 @@ class JobStore:
             self._changed.wait_for(lambda: self._version != seen, timeout)
             return self._version
 
+    def wake_waiters(self) -> None:
+        """Wake every `wait_for_change` caller so it can re-check its own stop condition."""
+        with self._changed:
+            self._version += 1
+            self._changed.notify_all()
+
     @property
     def version(self) -> int:
         return self._version

@@ -89,10 +89,12 @@ class JobWorker:
 
     def stop_claiming(self) -> None:
         self._stop.set()
+        self._store.wake_waiters()
+        self._inventory.wake_waiters()
 
     def stop(self, timeout: float) -> None:
         """Stop claiming, give running jobs `timeout` seconds, then abort and requeue them."""
-        self._stop.set()
+        self.stop_claiming()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))

@@ -99,6 +99,8 @@ class Stats:
     gone: list[str] = field(default_factory=list)  # paths of streams whose client left
     gone_at: list[float] = field(default_factory=list)  # time.monotonic() of each
     completed: list[str] = field(default_factory=list)  # paths of generations that finished
+    started_at: list[float] = field(default_factory=list)  # time.monotonic() per generation
+    finished_at: list[float] = field(default_factory=list)
 
 
 class FakeOllama:
@@ -399,6 +401,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._note_load(model, body)
         count = int((body.get("options") or {}).get("num_predict") or fake.tokens)
         with fake.cond:
+            fake.stats.started_at.append(time.monotonic())
             fake.stats.generations_active += 1
             fake.stats.generations_peak = max(fake.stats.generations_peak,
                                               fake.stats.generations_active)
@@ -412,6 +415,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self._openai_generation(kind, model, body, count, knobs)
             with fake.cond:
                 fake.stats.completed.append(rec.path)
+                fake.stats.finished_at.append(time.monotonic())
         finally:
             with fake.cond:
                 fake.stats.generations_active -= 1

@@ -1,0 +1,125 @@
+"""The job queue: durable submits per second over HTTP, the gap between one job
+finishing and the next reaching the target, and claim latency in a large database.
+
+Run: `python -m bench.bench_jobs [--quick]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sqlite3
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from bench.common import KeepAlive, machine, start_fake, start_foreman, summary
+from foreman.store import JobStore
+
+
+def submit_rate(total: int, clients: int) -> dict[str, Any]:
+    """Submits against a foreman whose target is down, so nothing runs: pure intake."""
+    foreman = start_foreman("http://127.0.0.1:9", "")
+    body = json.dumps({"kind": "embed", "request": {"model": "m", "input": "x"}}).encode()
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def worker(count: int) -> None:
+        client = KeepAlive(foreman.url)
+        mine = []
+        for _ in range(count):
+            started = time.perf_counter()
+            status, _ = client.post("/jobs", body)
+            mine.append((time.perf_counter() - started) * 1000)
+            assert status == 202
+        with lock:
+            latencies.extend(mine)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(total // clients,))
+                   for _ in range(clients)]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+    finally:
+        foreman.stop()
+    return {"submits": len(latencies), "clients": clients,
+            "submits_per_s": len(latencies) / elapsed, "latency_ms": summary(latencies)}
+
+
+def handoff_gap(jobs: int) -> dict[str, Any]:
+    """Queue many one-token jobs at once; the fake records when each starts and ends."""
+    fake = start_fake()
+    foreman = start_foreman(fake.url, "")
+    try:
+        body = {"kind": "chat", "request": {"model": "llama3", "messages": [],
+                                            "options": {"num_predict": 1}}}
+        ids = [requests.post(foreman.url + "/jobs", json=body, timeout=10).json()["id"]
+               for _ in range(jobs)]
+        for job_id in ids:
+            while requests.get(f"{foreman.url}/jobs/{job_id}?wait=30",
+                               timeout=40).json()["status"] != "succeeded":
+                pass
+        stats = requests.get(fake.url + "/fake/stats", timeout=5).json()
+    finally:
+        foreman.stop()
+        fake.stop()
+    starts, ends = stats["started_at"], stats["finished_at"]
+    # Skip the first few, which raced the submissions themselves.
+    gaps = [(starts[i + 1] - ends[i]) * 1000 for i in range(5, len(ends) - 1)]
+    return {"jobs": jobs, "gap_ms": summary(gaps)}
+
+
+def claim_latency(finished: int, queued: int, claims: int) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp())
+    path = str(folder / "big.db")
+    JobStore(path).close()
+    db = sqlite3.connect(path)
+    now = time.time()
+    rows = [(f"f{i:08d}", "chat", "succeeded", i % 7, '{"model":"m"}', f"fp{i}", now - 100,
+             now - 50, 1) for i in range(finished)]
+    rows += [(f"q{i:08d}", "chat", "queued", i % 7, '{"model":"m"}', f"fq{i}", now, None, 0)
+             for i in range(queued)]
+    db.executemany("INSERT INTO jobs (id, kind, status, priority, request, fingerprint,"
+                   " created_at, finished_at, attempts) VALUES (?,?,?,?,?,?,?,?,?)", rows)
+    db.commit()
+    db.close()
+    store = JobStore(path)
+    times = []
+    for _ in range(claims):
+        started = time.perf_counter()
+        job = store.claim(("chat", "generate"))
+        times.append((time.perf_counter() - started) * 1000)
+        assert job is not None
+        store.finish(job, "succeeded", {"ok": True})
+    store.close()
+    return {"finished_rows": finished, "queued_rows": queued, "claim_ms": summary(times)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    scale = (400, 40, 10_000, 1_000, 200) if args.quick else (4000, 200, 100_000, 10_000, 1000)
+    results = {
+        "machine": machine(),
+        "submit": submit_rate(scale[0], 4),
+        "handoff": handoff_gap(scale[1]),
+        "claim": claim_latency(scale[2], scale[3], scale[4]),
+    }
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
