@@ -27,6 +27,7 @@ from werkzeug.wrappers import Request
 from . import __version__
 from .errors import ApiError, TargetUnreachable, json_response
 from .inventory import Inventory, Snapshot, canonical_model_name
+from .metrics import Metrics
 from .relay import WSGIApp, relay
 from .slot import ChatSlot, WaitCancelled, Work
 from .target import AbortSignal, TargetClient
@@ -42,6 +43,7 @@ class RequestInfo:
     """Per-request facts the access log and response headers need."""
 
     request_id: str
+    route: str = "unmatched"
     model: str = ""
     waited_ms: int | None = None
 
@@ -112,6 +114,7 @@ class OllamaApi:
         inventory: Inventory,
         slot: ChatSlot,
         watcher: ClientWatcher,
+        metrics: Metrics,
         *,
         max_wait: float = 0.0,
         embed_concurrency: int = 0,
@@ -121,6 +124,7 @@ class OllamaApi:
         self._inventory = inventory
         self._slot = slot
         self._watcher = watcher
+        self._metrics = metrics
         self._max_wait = max_wait or None
         self._embed_limit = (
             threading.BoundedSemaphore(embed_concurrency) if embed_concurrency
@@ -176,7 +180,9 @@ class OllamaApi:
         if self._inventory.known_absent(model):
             raise ApiError(404, f"model '{model}' not found")
         kind = request.path.rsplit("/", 1)[-1]
-        ticket = self._slot.enqueue(Work(kind=kind, model=model, label=info.request_id))
+        work = Work(kind=kind, model=model, label=info.request_id,
+                    resident=self._inventory.is_loaded(model))
+        ticket = self._slot.enqueue(work)
         gone = client_gone_check(request)
         try:
             with self._watcher.watch(
@@ -185,14 +191,16 @@ class OllamaApi:
                 lease = ticket.wait(self._max_wait)
         finally:
             info.waited_ms = round(ticket.waited * 1000)
+            self._metrics.observe_wait(ticket.waited)
         abort = AbortSignal()
         streaming = self._watcher.watch(gone, abort.abort)
-        cleanup = [streaming.cancel, lease.release]
+        cleanup = [streaming.cancel, lease.release,
+                   lambda: self._metrics.add_chunks(work.chunks)]
         try:
             if gone():
                 raise ApiError(CLIENT_GONE, "client went away")
             upstream = self._client.open("POST", request.path, raw, "application/json", abort)
-            return relay(upstream, {}, cleanup)
+            return relay(upstream, {}, cleanup, tally=work)
         except BaseException as exc:
             for step in cleanup:
                 step()

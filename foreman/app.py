@@ -27,6 +27,7 @@ from werkzeug.wrappers import Request
 
 from .api import RequestInfo
 from .errors import ApiError, TargetHTTPError, TargetUnreachable, error_response
+from .metrics import Metrics
 from .relay import StartResponse
 
 access_log = logging.getLogger("foreman.access")
@@ -55,11 +56,12 @@ class _Finished:
 
 class ForemanApp:
     def __init__(self, rules: list[Rule], public: set[Callable[..., Any]], token: str,
-                 max_body: int) -> None:
+                 max_body: int, metrics: Metrics) -> None:
         self._map = Map(rules, merge_slashes=False, redirect_defaults=False)
         self._public = public
         self._token = token.encode()
         self._max_body = max_body
+        self._metrics = metrics
         self._active = 0
         self._active_lock = threading.Lock()
         self._idle = threading.Condition(self._active_lock)
@@ -92,6 +94,8 @@ class ForemanApp:
             with self._idle:
                 self._active -= 1
                 self._idle.notify_all()
+            self._metrics.count_request(info.route, environ.get("REQUEST_METHOD", ""),
+                                        status_seen[0])
             access_log.info(
                 "%s %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
                 status_seen[0],
@@ -120,11 +124,12 @@ class ForemanApp:
             try:
                 if _has_empty_segment(environ):
                     raise NotFound()
-                endpoint, values = self._map.bind_to_environ(environ).match()
+                rule, values = self._map.bind_to_environ(environ).match(return_rule=True)
             except (HTTPException, RequestRedirect) as exc:
                 endpoint, values, routing_error = None, {}, exc
             else:
-                routing_error = None
+                endpoint, routing_error = rule.endpoint, None
+                environ["foreman.info"].route = rule.rule
             if endpoint not in self._public:
                 self._authenticate(request)
             if routing_error is not None:

@@ -205,6 +205,11 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    public: bool = _key(_boolean, False)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = _key(_one_of("debug", "info", "warning", "error"), "info")
     format: str = _key(_one_of("text", "json"), "text")
@@ -226,6 +231,7 @@ class Config:
     embed: EmbedConfig = _section(EmbedConfig)
     jobs: JobsConfig = _section(JobsConfig)
     server: ServerConfig = _section(ServerConfig)
+    metrics: MetricsConfig = _section(MetricsConfig)
     log: LogConfig = _section(LogConfig)
 
     @property

@@ -16,8 +16,12 @@ from dataclasses import dataclass
 from .api import OllamaApi
 from .app import ForemanApp
 from .config import Config
+from .estimates import Estimator
 from .inventory import Inventory
 from .jobs_api import JobsApi, render_job
+from .metrics import Metrics
+from .observe import ObserveApi, register_gauges
+from .queue_view import QueueView
 from .server import Server
 from .slot import ChatSlot
 from .store import JobStore
@@ -103,14 +107,18 @@ def build_daemon(config: Config) -> Daemon:
         pool_size=threads + 4,
     )
     inventory = Inventory(client, config.inventory.poll_interval)
-    slot = ChatSlot(config.chat.concurrency, config.chat.max_queue)
+    estimator = Estimator()
+    slot = ChatSlot(config.chat.concurrency, config.chat.max_queue,
+                    on_release=lambda work, held: estimator.record(work.model, held,
+                                                                   work.resident))
+    metrics = Metrics()
     watcher = ClientWatcher()
     warmer = None
     if config.embedder.model:
         warmer = EmbedderWarmer(client, config.embedder.model, config.inventory.poll_interval)
         inventory.on_reachable(warmer.request)
     api = OllamaApi(
-        client, inventory, slot, watcher,
+        client, inventory, slot, watcher, metrics,
         max_wait=config.chat.max_wait,
         embed_concurrency=config.embed.concurrency,
         allow_admin=config.target.allow_admin,
@@ -118,15 +126,21 @@ def build_daemon(config: Config) -> Daemon:
     store = JobStore(config.jobs.db)
     notifier = WebhookNotifier(render_job)
     worker = JobWorker(
-        store, client, slot, inventory, notifier.notify,
+        store, client, slot, inventory, notifier.notify, metrics,
         generation_workers=config.chat.concurrency,
         embed_workers=config.embed.concurrency or 2,
         max_attempts=config.jobs.max_attempts,
         retention=config.jobs.retention,
     )
-    jobs = JobsApi(store, worker, inventory, notifier.notify)
-    app = ForemanApp([*api.rules(), *jobs.rules()], {api.health}, config.token,
-                     config.server.max_body)
+    queue = QueueView(slot, store, worker, inventory, estimator)
+    jobs = JobsApi(store, worker, inventory, queue, notifier.notify)
+    observe = ObserveApi(queue, metrics)
+    register_gauges(metrics, slot, inventory, store)
+    public = {api.health, observe.status}
+    if config.metrics.public:
+        public.add(observe.metrics)
+    app = ForemanApp([*api.rules(), *jobs.rules(), *observe.rules()], public, config.token,
+                     config.server.max_body, metrics)
     server = Server(app, config.listen.host, config.listen.port, threads, config.server.max_body)
     return Daemon(config, client, inventory, slot, watcher, warmer, store, worker, notifier,
                   app, server)

@@ -109,6 +109,7 @@ class Inventory:
         self._state = _PollState()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self.poll_failures = 0
         self._thread = threading.Thread(target=self._run, name="foreman-poller", daemon=True)
 
     @property
@@ -207,6 +208,7 @@ class Inventory:
             tags_raw, models = self._fetch("/api/tags")
             ps_raw, running = self._fetch("/api/ps")
         except (TargetUnreachable, ValueError) as exc:
+            self.poll_failures += 1
             self._snapshot = dataclasses.replace(
                 previous, degraded=True, error=str(exc), last_attempt=now
             )

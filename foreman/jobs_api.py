@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -21,29 +20,23 @@ from werkzeug.wrappers import Request
 from .api import client_gone_check, read_json_object, required_model
 from .errors import ApiError, json_response
 from .inventory import Inventory
+from .queue_view import QueueView, iso
 from .relay import WSGIApp
 from .store import KINDS, STATUSES, Job, JobStore
-from .worker import JobWorker
+from .worker import GENERATION_KINDS, JobWorker
 
 MAX_WAIT_SECONDS = 60.0
 MAX_LIST_LIMIT = 500
 
 
-def _iso(stamp: float | None) -> str | None:
-    if stamp is None:
-        return None
-    moment = datetime.fromtimestamp(stamp, tz=timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def render_job(job: Job, position: int | None = None, partial: str | None = None
-               ) -> dict[str, Any]:
+def render_job(job: Job, position: int | None = None, partial: str | None = None,
+               estimated_start: str | None = None) -> dict[str, Any]:
     document = {
         "id": job.id, "kind": job.kind, "status": job.status, "priority": job.priority,
-        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
-        "finished_at": _iso(job.finished_at), "attempts": job.attempts,
+        "created_at": iso(job.created_at), "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at), "attempts": job.attempts,
         "request": job.request, "result": job.result, "error": job.error,
-        "position": position,
+        "position": position, "estimated_start": estimated_start,
     }
     if partial is not None:
         document["partial"] = partial
@@ -57,8 +50,9 @@ def _is_http_url(value: str) -> bool:
 
 class JobsApi:
     def __init__(self, store: JobStore, worker: JobWorker, inventory: Inventory,
-                 notify: Any, max_long_polls: int = 8) -> None:
+                 queue: QueueView, notify: Any, max_long_polls: int = 8) -> None:
         self._store, self._worker, self._inventory = store, worker, inventory
+        self._queue = queue
         self._notify = notify
         # Each long-poll holds a server thread: bound them so they cannot starve the rest.
         self._long_polls = threading.BoundedSemaphore(max_long_polls)
@@ -72,8 +66,21 @@ class JobsApi:
             Rule("/jobs/<job_id>/cancel", methods=["POST"], endpoint=self.cancel),
         ]
 
-    def document(self, job: Job) -> dict[str, Any]:
-        return render_job(job, self._store.position(job), self._worker.progress(job.id))
+    def _line(self) -> dict[str, tuple[int, str | None]]:
+        """job id -> (place in the chat-slot line, estimated start), from one snapshot."""
+        return {entry["job_id"]: (entry["position"], entry["estimated_start"])
+                for entry in self._queue.snapshot()["waiting"] if "job_id" in entry}
+
+    def document(self, job: Job, line: dict[str, tuple[int, str | None]] | None = None
+                 ) -> dict[str, Any]:
+        position, estimated = None, None
+        if job.status == "queued":
+            if job.kind in GENERATION_KINDS:
+                position, estimated = (self._line() if line is None else line).get(
+                    job.id, (None, None))
+            else:
+                position = self._store.position(job)
+        return render_job(job, position, self._worker.progress(job.id), estimated)
 
     def _answer(self, status: int, payload: Any, headers: dict[str, str] | None = None
                 ) -> WSGIApp:
@@ -140,7 +147,8 @@ class JobsApi:
         if after is not None and not (after.isdigit() and len(after) < 19):
             raise ApiError(400, "invalid cursor")
         jobs, cursor = self._store.list(status, kind, limit, int(after) if after else None)
-        return self._answer(200, {"jobs": [self.document(j) for j in jobs],
+        line = self._line() if any(j.status == "queued" for j in jobs) else {}
+        return self._answer(200, {"jobs": [self.document(j, line) for j in jobs],
                                   "next": None if cursor is None else str(cursor)})
 
     def cancel(self, request: Request, job_id: str) -> WSGIApp:

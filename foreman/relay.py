@@ -16,7 +16,7 @@ from __future__ import annotations
 import http
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 from .errors import TargetUnreachable, error_body
 from .target import Upstream
@@ -44,11 +44,19 @@ def relayed_headers(upstream: Upstream, extra: dict[str, str]) -> list[tuple[str
     return headers
 
 
+class Tally(Protocol):
+    chunks: int
+
+
+class _Count:
+    chunks = 0
+
+
 class StreamedBody:
     """A WSGI app and its body iterable: relays a streaming target response."""
 
     def __init__(self, upstream: Upstream, extra_headers: dict[str, str],
-                 on_close: list[Callable[[], None]]) -> None:
+                 on_close: list[Callable[[], None]], tally: Tally) -> None:
         self._upstream = upstream
         self._headers = relayed_headers(upstream, extra_headers)
         self._on_close = on_close
@@ -56,7 +64,7 @@ class StreamedBody:
         self._gen: Iterator[bytes] | None = None
         self._closed = False
         self._close_lock = threading.Lock()
-        self.chunks = 0
+        self.tally = tally
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> StreamedBody:
         start_response(status_line(self._upstream.status), self._headers)
@@ -67,14 +75,15 @@ class StreamedBody:
         return self._gen
 
     def _relay(self) -> Iterator[bytes]:
+        tally = self.tally
         try:
             if self._sse:
                 for chunk in self._upstream.chunks():
-                    self.chunks += 1
+                    tally.chunks += 1
                     yield chunk
             else:
                 for line in self._upstream.lines():
-                    self.chunks += 1
+                    tally.chunks += 1
                     yield line + b"\n"
         except TargetUnreachable as exc:
             # As Ollama does: an error after the stream started is a last line.
@@ -98,11 +107,15 @@ class StreamedBody:
 
 
 def relay(upstream: Upstream, extra_headers: dict[str, str],
-          on_close: list[Callable[[], None]], head: bool = False) -> WSGIApp:
-    """The response for `upstream`; `on_close` callbacks run exactly once, when it is done."""
+          on_close: list[Callable[[], None]], head: bool = False,
+          tally: Tally | None = None) -> WSGIApp:
+    """The response for `upstream`; `on_close` callbacks run exactly once, when it is done.
+
+    A streamed response counts its chunks into `tally` as they go.
+    """
     ctype = upstream.content_type
     if ctype.startswith("application/x-ndjson") or ctype.startswith("text/event-stream"):
-        return StreamedBody(upstream, extra_headers, on_close)
+        return StreamedBody(upstream, extra_headers, on_close, tally or _Count())
     try:
         body = upstream.read()
     finally:

@@ -52,8 +52,10 @@ class Work:
     tier: int = INTERACTIVE
     priority: int = 0
     label: str = ""
+    resident: bool = True  # was the model loaded when this work joined the line?
     enqueued_at: float = field(default_factory=time.time)
     started_at: float | None = None
+    chunks: int = 0  # stream chunks relayed so far, for the queue view
 
 
 class Lease:
@@ -96,8 +98,11 @@ class Ticket:
 
 
 class ChatSlot:
-    def __init__(self, concurrency: int, max_queue: int) -> None:
+    def __init__(self, concurrency: int, max_queue: int,
+                 on_release: Callable[[Work, float], None] | None = None) -> None:
+        """`on_release(work, seconds_held)` hears about every finished lease."""
         self.concurrency, self.max_queue = concurrency, max_queue
+        self._on_release = on_release
         self._lock = threading.Condition()
         self._line: list[Ticket] = []
         self._holders: list[Lease] = []
@@ -187,3 +192,5 @@ class ChatSlot:
             self._holders.remove(lease)
             self._grant_locked()
             self._lock.notify_all()
+        if self._on_release is not None and lease.work.started_at is not None:
+            self._on_release(lease.work, time.time() - lease.work.started_at)

@@ -206,13 +206,14 @@ class JobStore:
         return _job(rows[0]) if rows else None
 
     def position(self, job: Job) -> int | None:
-        """1-based place among queued jobs, or None when not queued."""
+        """1-based place among queued jobs of the same lane (embed, or chat/generate)."""
         if job.status != "queued":
             return None
+        lane = ("embed",) if job.kind == "embed" else ("chat", "generate")
         ahead = self._read(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND"
+            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND kind IN (?, ?) AND"
             " (priority > ? OR (priority = ? AND seq < ?))",
-            (job.priority, job.priority, job.seq),
+            (lane[0], lane[-1], job.priority, job.priority, job.seq),
         )[0][0]
         return int(ahead) + 1
 

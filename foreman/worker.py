@@ -24,6 +24,7 @@ from typing import Any
 
 from .errors import TargetHTTPError, TargetUnreachable
 from .inventory import Inventory
+from .metrics import Metrics
 from .slot import BATCH, ChatSlot, WaitCancelled, Work
 from .store import Job, JobStore, StoreUnavailable
 from .target import AbortSignal, TargetClient
@@ -57,6 +58,7 @@ class JobWorker:
         slot: ChatSlot,
         inventory: Inventory,
         notify: Callable[[Job], None],
+        metrics: Metrics,
         *,
         generation_workers: int = 1,
         embed_workers: int = 2,
@@ -64,7 +66,7 @@ class JobWorker:
         retention: float = 7 * 86400.0,
     ) -> None:
         self._store, self._client, self._slot = store, client, slot
-        self._inventory, self._notify = inventory, notify
+        self._inventory, self._notify, self._metrics = inventory, notify, metrics
         self._max_attempts, self._retention = max_attempts, retention
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -113,6 +115,12 @@ class JobWorker:
             item = self._running.get(job_id)
             return "".join(item.pieces) if item is not None else None
 
+    def chunks(self, job_id: str) -> int:
+        """Stream chunks a running job has received so far."""
+        with self._lock:
+            item = self._running.get(job_id)
+            return item.chunks if item is not None else 0
+
     def abort(self, job_id: str) -> bool:
         """Cut a running job's upstream request (after the store marked it cancelled)."""
         with self._lock:
@@ -158,7 +166,7 @@ class JobWorker:
         if not head:
             return
         work = Work(kind="job", model=head[0].model, tier=BATCH, priority=head[0].priority,
-                    label=head[0].id)
+                    label=head[0].id, resident=self._inventory.is_loaded(head[0].model))
         try:
             lease = self._slot.acquire(work)
         except WaitCancelled:
@@ -167,6 +175,7 @@ class JobWorker:
             job = self._store.claim(kinds) if not self._stop.is_set() else None
             if job is not None:
                 lease.work.label, lease.work.model = job.id, job.model
+                lease.work.resident = self._inventory.is_loaded(job.model)
                 self._run(job)
         finally:
             lease.release()
@@ -188,6 +197,7 @@ class JobWorker:
         item = Running(job, AbortSignal())
         with self._lock:
             self._running[job.id] = item
+        started = time.monotonic()
         try:
             result = self._generate(item) if job.kind in GENERATION_KINDS else self._embed(item)
         except TargetHTTPError as exc:
@@ -201,6 +211,8 @@ class JobWorker:
         else:
             self._settle(job, "succeeded", result=result)
         finally:
+            self._metrics.observe_job_run(time.monotonic() - started)
+            self._metrics.add_chunks(item.chunks)
             with self._lock:
                 self._running.pop(job.id, None)
 

@@ -13,6 +13,7 @@ from werkzeug.routing import Rule
 from foreman.app import ForemanApp
 from foreman.daemon import Daemon
 from foreman.logs import configure_logging
+from foreman.metrics import Metrics
 from foreman.server import Server
 from tests.fake_ollama import FakeOllama
 from tests.http_raw import raw_request
@@ -134,7 +135,7 @@ def test_unexpected_exception_is_a_generic_500_with_traceback_only_in_the_log(
     def explode(request: object) -> None:
         raise RuntimeError("kaboom-internal-detail")
 
-    app = ForemanApp([Rule("/boom", endpoint=explode)], set(), "", 1024)
+    app = ForemanApp([Rule("/boom", endpoint=explode)], set(), "", 1024, Metrics())
     server = Server(app, "127.0.0.1", 0, threads=2, max_body=1024)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()

@@ -1,0 +1,71 @@
+"""Seeing the box: the queue with estimates, Prometheus metrics, and the status page.
+
+`/queue` and the data behind the page need the token like everything else;
+the page itself (`/status`) is a static shell that carries no data, so it is
+served without one and asks the browser's user for the token when needed.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from werkzeug.routing import Rule
+from werkzeug.wrappers import Request, Response
+
+from . import __version__
+from .errors import json_response
+from .inventory import Inventory
+from .metrics import Metrics
+from .queue_view import QueueView
+from .relay import WSGIApp
+from .slot import ChatSlot
+from .store import JobStore
+
+PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def register_gauges(metrics: Metrics, slot: ChatSlot, inventory: Inventory,
+                    store: JobStore) -> None:
+    """Gauges read from their owners at scrape time."""
+    metrics.register("foreman_chat_waiting", "Interactive requests and job workers waiting for "
+                  "the chat slot.", lambda: [((), slot.waiting)])
+    metrics.register("foreman_chat_in_flight", "Generations holding the chat slot.",
+                  lambda: [((), slot.in_flight)])
+    metrics.register("foreman_target_up", "1 when the last poll of the target succeeded.",
+                  lambda: [((), 0 if inventory.snapshot.degraded else 1)])
+    metrics.register("foreman_target_poll_failures_total", "Failed polls of the target.",
+                     lambda: [((), inventory.poll_failures)], kind="counter")
+    metrics.register("foreman_jobs", "Jobs in the store, by status.",
+                  lambda: [((("status", s),), n) for s, n in store.counts().items()])
+    metrics.register("foreman_build_info", "foreman's version.",
+                  lambda: [((("version", __version__),), 1)])
+
+
+def status_page() -> bytes:
+    return resources.files("foreman").joinpath("static/status.html").read_bytes()
+
+
+class ObserveApi:
+    def __init__(self, queue: QueueView, metrics: Metrics) -> None:
+        self._queue, self._metrics = queue, metrics
+        self._page = status_page()
+
+    def rules(self) -> list[Rule]:
+        return [
+            Rule("/queue", methods=["GET"], endpoint=self.queue),
+            Rule("/metrics", methods=["GET"], endpoint=self.metrics),
+            Rule("/status", methods=["GET"], endpoint=self.status),
+        ]
+
+    def queue(self, request: Request) -> WSGIApp:
+        return json_response(200, json.dumps(self._queue.snapshot()).encode())
+
+    def metrics(self, request: Request) -> WSGIApp:
+        return Response(self._metrics.render(), content_type=PROMETHEUS_TEXT)
+
+    def status(self, request: Request) -> WSGIApp:
+        return Response(self._page, content_type="text/html; charset=utf-8",
+                        headers={"Cache-Control": "no-store",
+                                 "Content-Security-Policy": "default-src 'self'; "
+                                 "style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
