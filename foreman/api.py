@@ -200,7 +200,7 @@ class OllamaApi:
             if gone():
                 raise ApiError(CLIENT_GONE, "client went away")
             upstream = self._client.open("POST", request.path, raw, "application/json", abort)
-            return relay(upstream, {}, cleanup, tally=work)
+            return relay(upstream, {}, cleanup, tally=work, json_only=True)
         except BaseException as exc:
             for step in cleanup:
                 step()
@@ -224,7 +224,7 @@ class OllamaApi:
                 upstream.read()
                 upstream.close()
                 upstream = self._client.open("POST", request.path, raw, "application/json")
-            return relay(upstream, {}, [])
+            return relay(upstream, {}, [], json_only=True)
 
     # -- from the inventory ---------------------------------------------------
 

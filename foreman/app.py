@@ -26,7 +26,13 @@ from werkzeug.routing import Map, RequestRedirect, Rule
 from werkzeug.wrappers import Request
 
 from .api import RequestInfo
-from .errors import ApiError, TargetHTTPError, TargetUnreachable, error_response
+from .errors import (
+    ApiError,
+    TargetBadAnswer,
+    TargetHTTPError,
+    TargetUnreachable,
+    error_response,
+)
 from .metrics import Metrics
 from .relay import StartResponse
 
@@ -141,7 +147,7 @@ class ForemanApp:
             return error_response(ApiError(code, text), openai)
         except ApiError as exc:
             return error_response(exc, openai)
-        except (TargetHTTPError, TargetUnreachable) as exc:
+        except (TargetHTTPError, TargetUnreachable, TargetBadAnswer) as exc:
             log.warning("%s %s: %s", request.method, request.path, exc)
             return error_response(exc, openai)
         except Exception as exc:

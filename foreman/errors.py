@@ -41,6 +41,10 @@ class TargetHTTPError(Exception):
         return self.body[:200].decode("utf-8", "replace").strip() or f"HTTP {self.status}"
 
 
+class TargetBadAnswer(Exception):
+    """The target answered 2xx with something that is not what Ollama sends."""
+
+
 @dataclass
 class ApiError(Exception):
     """A refusal foreman makes itself, carried to the client as JSON."""
@@ -85,4 +89,6 @@ def error_response(exc: Exception, openai: bool = False) -> Response:
         return json_response(exc.status, error_body(exc.status, exc.message, openai))
     if isinstance(exc, TargetUnreachable):
         return json_response(502, error_body(502, f"ollama is unreachable: {exc}", openai))
+    if isinstance(exc, TargetBadAnswer):
+        return json_response(502, error_body(502, f"ollama answered badly: {exc}", openai))
     return json_response(500, error_body(500, "internal error in foreman (see its log)", openai))

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from .errors import TargetUnreachable, error_body
+from .errors import TargetBadAnswer, TargetUnreachable, error_body
 from .target import Upstream
 
 StartResponse = Callable[..., Any]
@@ -106,15 +106,20 @@ class StreamedBody:
                 callback()
 
 
+_STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
+
+
 def relay(upstream: Upstream, extra_headers: dict[str, str],
           on_close: list[Callable[[], None]], head: bool = False,
-          tally: Tally | None = None) -> WSGIApp:
+          tally: Tally | None = None, json_only: bool = False) -> WSGIApp:
     """The response for `upstream`; `on_close` callbacks run exactly once, when it is done.
 
-    A streamed response counts its chunks into `tally` as they go.
+    A streamed response counts its chunks into `tally` as they go.  With
+    `json_only` (the inference routes), a 2xx answer that is neither a stream
+    nor JSON raises TargetBadAnswer instead of reaching the client.
     """
     ctype = upstream.content_type
-    if ctype.startswith("application/x-ndjson") or ctype.startswith("text/event-stream"):
+    if ctype.startswith(_STREAM_TYPES):
         return StreamedBody(upstream, extra_headers, on_close, tally or _Count())
     try:
         body = upstream.read()
@@ -122,6 +127,9 @@ def relay(upstream: Upstream, extra_headers: dict[str, str],
         upstream.close()
         for callback in on_close:
             callback()
+    if json_only and 200 <= upstream.status < 300 and not _looks_like_json(ctype, body):
+        raise TargetBadAnswer(f"a {upstream.status} with content type {ctype or 'none'}"
+                              f" that is not JSON")
     headers = relayed_headers(upstream, extra_headers)
     length = upstream.headers.get("Content-Length", "0") if head else str(len(body))
     headers.append(("Content-Length", length))
@@ -131,4 +139,9 @@ def relay(upstream: Upstream, extra_headers: dict[str, str],
         return [body]
 
     return buffered
+
+
+def _looks_like_json(content_type: str, body: bytes) -> bool:
+    """A sniff, not a parse: JSON's content type and a body that opens like JSON."""
+    return content_type.startswith("application/json") and body.lstrip()[:1] in (b"{", b"[")
 

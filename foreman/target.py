@@ -110,13 +110,25 @@ class Upstream:
         self.content_type: str = response.headers.get("Content-Type", "")
 
     def lines(self) -> Iterator[bytes]:
-        """Non-empty NDJSON lines, as bytes, each as soon as it is complete."""
+        """Non-empty NDJSON lines, as bytes, each as soon as its newline arrives.
+
+        Lines split on b"\\n" only, as Go writes them (never on U+2028 or a bare
+        CR), and a body that ends inside a line is a broken stream, not a last line.
+        """
+        pending = b""
         try:
-            for line in self._response.iter_lines(chunk_size=65536):
-                if line:
-                    yield line
+            for chunk in self._response.iter_content(chunk_size=65536):
+                if b"\n" not in chunk:
+                    pending += chunk
+                    continue
+                *complete, pending = (pending + chunk).split(b"\n")
+                for line in complete:
+                    if line:
+                        yield line
         except _TRANSPORT_ERRORS as exc:
             raise self._unreachable(exc) from None
+        if pending.strip():
+            raise TargetUnreachable("the stream from ollama ended in the middle of a line")
 
     def chunks(self) -> Iterator[bytes]:
         """The body as the target sends it, chunk by chunk."""

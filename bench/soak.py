@@ -1,0 +1,267 @@
+"""Soak: a mixed workload against foreman while the target restarts, watching for leaks.
+
+Streams, clients that hang up mid-stream, embeddings and async jobs run for
+the whole time; the fake Ollama is killed and restarted on the same port
+every `--restart-every` seconds.  foreman's RSS, open file descriptors and
+threads are sampled throughout.  At the end every job must have succeeded,
+every failed request must fall inside a target restart, and the resource
+samples of the last fifth must match the first fifth (after warm-up).
+
+Run: `python -m bench.soak --minutes 10` (CI runs `--seconds 20`).  Exit status
+0 means every check passed; the JSON report goes to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import sys
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import requests
+
+from bench.common import Child, KeepAlive, proc_status, start_foreman
+from tests.http_raw import ChunkReader
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Target:
+    """The fake Ollama as a process that can be killed and brought back on its port."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.lock = threading.Lock()
+        self.down_windows: list[list[float]] = []  # [went down, back up (inf while down)]
+        self.child = self._start()
+
+    def _start(self) -> Child:
+        return Child(["-m", "tests.fake_ollama", "--port", str(self.port)],
+                     r"listening on (http://\S+)")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def restart(self, downtime: float) -> None:
+        window = [time.monotonic(), float("inf")]
+        with self.lock:
+            self.down_windows.append(window)
+        self.child.proc.kill()
+        self.child.proc.wait()
+        time.sleep(downtime)
+        self.child = self._start()
+        with self.lock:
+            window[1] = time.monotonic()
+
+    def was_down_near(self, started: float, ended: float, slack: float = 2.0) -> bool:
+        with self.lock:
+            return any(a - slack <= ended and started <= b + slack
+                       for a, b in self.down_windows)
+
+
+class Soak:
+    def __init__(self, seconds: float, restart_every: float) -> None:
+        self.seconds, self.restart_every = seconds, restart_every
+        self.target = Target()
+        self.foreman = start_foreman(self.target.url, "inventory:\n  poll_interval: 1s\n",
+                                     "  connect_timeout: 1s\n  read_timeout: 30s\n")
+        self.stop = threading.Event()
+        self.outcomes: Counter[str] = Counter()
+        self.unexplained: list[str] = []
+        self.jobs: list[str] = []
+        self.samples: list[dict[str, float]] = []
+        self.lock = threading.Lock()
+
+    def record(self, kind: str, ok: bool, started: float, detail: str = "") -> None:
+        with self.lock:
+            if ok:
+                self.outcomes[f"{kind}: ok"] += 1
+            elif self.target.was_down_near(started, time.monotonic()):
+                self.outcomes[f"{kind}: failed during a target restart"] += 1
+            else:
+                self.outcomes[f"{kind}: UNEXPLAINED"] += 1
+                self.unexplained.append(f"{kind}: {detail}")
+
+    def loop(self, kind: str, action: Any) -> None:
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                ok, detail = action()
+            except (OSError, ValueError, requests.RequestException) as exc:
+                ok, detail = False, f"{type(exc).__name__}: {exc}"
+            self.record(kind, ok, started, detail)
+            if not ok:
+                self.stop.wait(0.1)  # a client backs off a little, as real ones do
+
+    def stream(self) -> tuple[bool, str]:
+        body = json.dumps({"model": "llama3", "messages": [], "options": {
+            "num_predict": 40, "fake_token_delay": 0.005}}).encode()
+        reader = ChunkReader(self.foreman.url, "POST", "/api/chat", body, timeout=30)
+        try:
+            if reader.status != 200:
+                return False, f"status {reader.status}"
+            last = reader.chunks()[-1]
+        finally:
+            reader.close()
+        message = json.loads(last)
+        return bool(message.get("done")), last.decode()[:200]
+
+    def hang_up(self) -> tuple[bool, str]:
+        body = json.dumps({"model": "llama3", "messages": [], "options": {
+            "num_predict": 400, "fake_token_delay": 0.01}}).encode()
+        reader = ChunkReader(self.foreman.url, "POST", "/api/chat", body, timeout=30)
+        try:
+            if reader.status != 200:
+                return False, f"status {reader.status}"
+            reader.next_chunk()
+            reader.next_chunk()
+        finally:
+            reader.close()
+        return True, ""
+
+    def embed(self, client: KeepAlive) -> tuple[bool, str]:
+        status, body = client.post("/api/embed", json.dumps({
+            "model": "nomic-embed-text", "input": ["soak"]}).encode())
+        return status == 200, f"status {status}: {body[:200]!r}"
+
+    def submit(self) -> tuple[bool, str]:
+        kind = random.choice(("chat", "embed"))
+        request = ({"model": "llama3", "messages": [], "options": {"num_predict": 5}}
+                   if kind == "chat" else {"model": "nomic-embed-text", "input": "x"})
+        response = requests.post(self.foreman.url + "/jobs", timeout=10,
+                                 json={"kind": kind, "request": request})
+        if response.status_code == 202:
+            with self.lock:
+                self.jobs.append(response.json()["id"])
+        time.sleep(0.2)
+        return response.status_code == 202, response.text[:200]
+
+    def sample(self) -> None:
+        while not self.stop.wait(1.0):
+            status = proc_status(self.foreman.pid)
+            self.samples.append({
+                "t": time.monotonic(), "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+                "threads": int(status["Threads"]),
+                "fds": len(os.listdir(f"/proc/{self.foreman.pid}/fd")),
+            })
+
+    def restarts(self) -> None:
+        while not self.stop.wait(self.restart_every):
+            self.target.restart(downtime=1.0)
+
+    def run(self) -> dict[str, Any]:
+        embed_clients = [KeepAlive(self.foreman.url) for _ in range(2)]
+        threads = [
+            threading.Thread(target=self.loop, args=("stream", self.stream)),
+            threading.Thread(target=self.loop, args=("stream", self.stream)),
+            threading.Thread(target=self.loop, args=("hang-up", self.hang_up)),
+            *(threading.Thread(target=self.loop, args=("embed", lambda c=c: self.embed(c)))
+              for c in embed_clients),
+            threading.Thread(target=self.loop, args=("job submit", self.submit)),
+            threading.Thread(target=self.sample),
+            threading.Thread(target=self.restarts),
+        ]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        self.stop.wait(self.seconds)
+        self.stop.set()
+        for thread in threads:
+            thread.join(60)
+        finished = self.collect_jobs()
+        health = requests.get(self.foreman.url + "/healthz", timeout=5).json()
+        report = {
+            "seconds": round(time.monotonic() - started, 1),
+            "target_restarts": len(self.target.down_windows),
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "unexplained": self.unexplained[:20],
+            "jobs": dict(Counter(finished.values())),
+            "final_health": health,
+            "resources": self.resource_summary(),
+        }
+        report["checks"] = self.checks(report, finished, health)
+        return report
+
+    def collect_jobs(self) -> dict[str, str]:
+        statuses = {}
+        deadline = time.monotonic() + 120
+        for job_id in self.jobs:
+            while True:
+                left = max(0.0, min(30.0, deadline - time.monotonic()))
+                try:
+                    job = requests.get(f"{self.foreman.url}/jobs/{job_id}?wait={left:.1f}",
+                                       timeout=left + 10).json()
+                except requests.RequestException:
+                    continue
+                if job["status"] in ("succeeded", "failed", "cancelled") or left == 0:
+                    statuses[job_id] = job["status"]
+                    break
+        return statuses
+
+    def resource_summary(self) -> dict[str, Any]:
+        usable = self.samples[len(self.samples) // 10:]  # skip warm-up
+        fifth = max(1, len(usable) // 5)
+        first, last = usable[:fifth], usable[-fifth:]
+        summary: dict[str, Any] = {"samples": len(self.samples)}
+        for key in ("rss_mb", "threads", "fds"):
+            summary[key] = {
+                "first_fifth_median": statistics.median(s[key] for s in first),
+                "last_fifth_median": statistics.median(s[key] for s in last),
+                "max": max(s[key] for s in self.samples),
+            }
+        return summary
+
+    def checks(self, report: dict[str, Any], finished: dict[str, str],
+               health: dict[str, Any]) -> dict[str, bool]:
+        resources = report["resources"]
+
+        def flat(key: str, allowed: float) -> bool:
+            entry = resources[key]
+            return entry["last_fifth_median"] - entry["first_fifth_median"] <= allowed
+
+        return {
+            "every job succeeded": bool(finished) and set(finished.values()) == {"succeeded"},
+            "every failure falls in a target restart": not self.unexplained,
+            "foreman healthy at the end": health["status"] == "ok",
+            "rss flat (within 10 MB)": flat("rss_mb", 10.0),
+            "threads flat (within 5)": flat("threads", 5),
+            "file descriptors flat (within 10)": flat("fds", 10),
+        }
+
+    def close(self) -> None:
+        self.foreman.stop()
+        self.target.child.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=float)
+    length.add_argument("--seconds", type=float)
+    parser.add_argument("--restart-every", type=float, default=30.0,
+                        help="seconds between target restarts")
+    args = parser.parse_args()
+    seconds = args.seconds or (args.minutes or 10) * 60
+    soak = Soak(seconds, args.restart_every)
+    try:
+        report = soak.run()
+    finally:
+        soak.close()
+    print(json.dumps(report, indent=2))
+    return 0 if all(report["checks"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
