@@ -228,10 +228,21 @@ class JobWorker:
 
     def _settle(self, job: Job, status: str, result: Any = None, error: str | None = None
                 ) -> None:
-        if self._store.finish(job, status, result, error):
-            finished = self._store.get(job.id)
-            if finished is not None:
-                self._notify(finished)
+        """Record the outcome, retrying while the store cannot be written: the result
+        exists only in memory, and a job left `running` would wait for a restart."""
+        delay = OUTAGE_RETRY_SECONDS
+        while True:
+            try:
+                if self._store.finish(job, status, result, error):
+                    finished = self._store.get(job.id)
+                    if finished is not None:
+                        self._notify(finished)
+                return
+            except StoreUnavailable as exc:
+                log.error("cannot record job %s as %s yet: %s", job.id, status, exc.message)
+                if self._stop.wait(delay):
+                    return  # left running: recovered as an orphan at the next start
+                delay = min(30.0, delay * 2)
 
     def _embed(self, item: Running) -> Any:
         _, result = self._client.call("POST", "/api/embed", item.job.request,

@@ -65,9 +65,10 @@ class Received:
 class Fault:
     """One queued misbehaviour for the next request to a route."""
 
-    kind: str  # status | garbage | hang | die_after | error_after | delay_headers
+    kind: str  # status | garbage | hang | die_after | error_after | truncate_after
     status: int = 500
     body: bytes = b'{"error":"something went wrong"}'
+    ctype: str = "application/json; charset=utf-8"
     after: int = 0
     seconds: float = 0.0
 
@@ -327,15 +328,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _apply_fault(self, fault: Fault) -> bool:
         """Apply a fault that replaces the whole answer; return False for stream faults."""
         if fault.kind == "status":
-            self._send(fault.status, fault.body)
+            self._send(fault.status, fault.body, fault.ctype)
         elif fault.kind == "garbage":
             self._send(200, b"<html>this is not json", "text/html")
         elif fault.kind == "hang":
-            self.fake.release.wait(30)
+            self.fake.release.wait(fault.seconds or 30)
             self.close_connection = True
-        elif fault.kind == "delay_headers":
-            time.sleep(fault.seconds)
-            return False
         else:
             return False
         return True
@@ -447,9 +445,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._start_stream()
         for i in range(count):
             breaks_here = fault is not None and i == fault.after
-            if breaks_here and fault.kind in ("die_after", "error_after"):
+            if breaks_here and fault.kind in ("die_after", "error_after", "truncate_after"):
                 if fault.kind == "error_after":
                     self._chunk(b'{"error":"an error was encountered while running the model"}\n')
+                    self._end_stream()
+                elif fault.kind == "truncate_after":
+                    self._chunk(b'{"model":"' + model.encode() + b'","created_at":"20')
                     self._end_stream()
                 else:
                     self.connection.shutdown(socket.SHUT_RDWR)
