@@ -171,6 +171,7 @@ class TargetConfig:
 @dataclass(frozen=True)
 class InventoryConfig:
     poll_interval: float = _key(parse_duration, 10.0)
+    repoll_cooldown: float = _key(parse_duration, 1.0)
 
 
 @dataclass(frozen=True)

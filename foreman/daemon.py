@@ -106,7 +106,8 @@ def build_daemon(config: Config) -> Daemon:
         config.target.read_timeout,
         pool_size=threads + 4,
     )
-    inventory = Inventory(client, config.inventory.poll_interval)
+    inventory = Inventory(client, config.inventory.poll_interval,
+                          miss_cooldown=config.inventory.repoll_cooldown)
     estimator = Estimator()
     slot = ChatSlot(config.chat.concurrency, config.chat.max_queue,
                     on_release=lambda work, held: estimator.record(work.model, held,

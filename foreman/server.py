@@ -1,14 +1,16 @@
 """The waitress server foreman runs under, with the graceful stop waitress lacks.
 
 waitress is tuned here for a proxy of long streams: lookahead so a departed
-client is noticed, no `Server` header (Ollama sends none), and a pool sized
-by the config.  `stop_accepting` closes only the listening socket, from
+client is noticed, no `Server` header (Ollama sends none), poll() instead of
+select() and a connection limit set by the descriptor limit, and a pool
+sized by the config.  `stop_accepting` closes only the listening socket, from
 waitress's own loop, so in-flight responses carry on; `close` then ends
 everything.
 """
 
 from __future__ import annotations
 
+import resource
 import threading
 import time
 from typing import Any
@@ -20,6 +22,25 @@ from waitress import create_server, wasyncore
 _WAITRESS_BODY_LIMIT = 1024**3
 
 
+def connection_budget() -> int:
+    """How many client connections to hold open: as many as file descriptors allow.
+
+    Raises the soft descriptor limit to the hard one first (macOS starts
+    launchd jobs at 256), keeping a reserve for the target pool, the job
+    database and logs.  Idle connections then cannot lock out new clients
+    until thousands are open; waitress closes them after `channel_timeout`.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 10240 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return max(100, min(soft - 200, 10000))
+
+
 class Server:
     def __init__(self, app: Any, host: str, port: int, threads: int, max_body: int) -> None:
         self._server = create_server(
@@ -29,7 +50,10 @@ class Server:
             threads=threads,
             channel_request_lookahead=1,
             ident="",
-            connection_limit=max(1000, threads * 4),
+            # select() cannot watch descriptors past 1024: with more connections
+            # open, waitress's loop would die.  poll() has no such ceiling.
+            asyncore_use_poll=True,
+            connection_limit=connection_budget(),
             max_request_body_size=max(_WAITRESS_BODY_LIMIT, max_body + 1),
             clear_untrusted_proxy_headers=True,
         )

@@ -1,0 +1,115 @@
+"""Clients that misbehave: oversized bodies, byte-at-a-time senders, thousands of idle
+connections, header floods.  Memory stays bounded and other clients are still served."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from urllib.parse import urlsplit
+
+import requests
+
+from foreman.daemon import Daemon
+from tests.http_raw import raw_request
+
+
+def connect(daemon: Daemon) -> socket.socket:
+    parts = urlsplit(daemon.url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=10)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_oversized_bodies_get_a_json_413(make_foreman: Callable[..., Daemon]) -> None:
+    daemon = make_foreman(server={"max_body": "64KB"})
+    declared = raw_request(daemon.url, "POST", "/api/chat", body=b"{" + b" " * 70_000 + b"}")
+    assert declared.status == 413 and declared.json() == {"error": "request body too large"}
+    for path in ("/api/embed", "/jobs", "/api/show"):
+        assert raw_request(daemon.url, "POST", path, body=b"x" * 70_000).status == 413
+    sock = connect(daemon)  # chunked, no length announced
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Type: application/json\r\n\r\n")
+    for _ in range(20):
+        sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
+    sock.sendall(b"0\r\n\r\n")
+    answer = sock.recv(65536)
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 413") and b'{"error": "request body too large"}' in answer
+    assert requests.get(daemon.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_byte_at_a_time_sender_does_not_hold_up_others(foreman: Daemon) -> None:
+    body = b'{"model":"llama3","stream":false,"messages":[]}'
+    sock = connect(foreman)
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body))
+    done = threading.Event()
+
+    def trickle() -> None:
+        for byte in body:
+            sock.sendall(bytes([byte]))
+            if done.wait(0.03):
+                return
+
+    sender = threading.Thread(target=trickle)
+    sender.start()
+    started = time.monotonic()
+    answered = 0
+    while sender.is_alive() and answered < 20:
+        assert requests.get(foreman.url + "/healthz", timeout=2).status_code == 200
+        answered += 1
+    print(f"{answered} health checks answered in {time.monotonic() - started:.2f}s "
+          "while one client sent its body byte by byte")
+    sender.join(10)
+    reply = sock.recv(65536)
+    sock.close()
+    assert answered >= 5
+    assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_two_thousand_idle_connections_leave_room_for_real_clients(foreman: Daemon) -> None:
+    before = rss_mb()
+    idle = []
+    try:
+        for _ in range(2000):
+            idle.append(connect(foreman))
+        for _ in range(3):
+            assert requests.get(foreman.url + "/healthz", timeout=5).status_code == 200
+            assert requests.get(foreman.url + "/api/tags", timeout=5).status_code == 200
+        grown = rss_mb() - before
+        print(f"RSS of test process + in-process foreman grew {grown:.1f} MB for 2000 idle"
+              " connections")
+        assert grown < 100
+    finally:
+        for sock in idle:
+            sock.close()
+    assert requests.get(foreman.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_header_floods_are_refused_and_others_served(foreman: Daemon) -> None:
+    many = {f"X-Flood-{i}": "y" * 100 for i in range(1000)}  # ~110 KB of headers: accepted
+    accepted = raw_request(foreman.url, "GET", "/api/tags", many)
+    assert accepted.status == 200
+    sock = connect(foreman)  # ~1 MB of headers: waitress refuses before foreman sees it
+    sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for i in range(10_000):
+            sock.sendall(b"X-Flood-%d: %s\r\n" % (i, b"z" * 100))
+    except OSError:
+        pass  # the server may close on us mid-flood
+    try:
+        sock.sendall(b"\r\n")
+        answer = sock.recv(4096)
+    except OSError:
+        answer = b""
+    sock.close()
+    assert answer == b"" or answer.split(b" ")[1] in (b"400", b"431")
+    assert requests.get(foreman.url + "/healthz", timeout=5).status_code == 200
