@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,37 @@ import pytest
 from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
 from tests.fake_ollama import FakeOllama
+
+# Every inbound token a test gives foreman, and every target token.  None may ever
+# appear in a log line; no inbound token may ever reach the fake target.
+INBOUND_TOKENS = ("s3cret-token-value", "t0k", "for-foreman", "cli-token", "hunter2",
+                  "matrix-Token-1234567890")
+TARGET_TOKENS = ("target-secret", "for-ollama", "sesame")
+
+_logged: list[str] = []
+_make_record = logging.Logger.makeRecord
+
+
+def _remembering_make_record(self: logging.Logger, *args: Any, **kwargs: Any
+                             ) -> logging.LogRecord:
+    record = _make_record(self, *args, **kwargs)  # extra fields are set by now
+    with contextlib.suppress(Exception):  # a malformed record is logging's business
+        _logged.append(record.getMessage() + " " + str(getattr(record, "fields", "")))
+    return record
+
+
+logging.Logger.makeRecord = _remembering_make_record  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_is_ever_logged() -> Iterator[None]:
+    """Checked over every log record the whole suite creates, whatever its handlers."""
+    logging.getLogger("foreman.tests").warning("capture check", extra={"fields": {"x": "y"}})
+    assert _logged and _logged[-1] == "capture check {'x': 'y'}"  # the capture works
+    yield
+    leaked = [line for line in _logged for secret in INBOUND_TOKENS + TARGET_TOKENS
+              if secret in line]
+    assert not leaked, leaked[:5]
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -40,6 +73,10 @@ def fake() -> Iterator[FakeOllama]:
     server = FakeOllama().start()
     yield server
     server.stop()
+    with server.cond:
+        seen = [str(r.headers) + str(r.body) for r in server.received]
+    assert not [s for s in seen for token in INBOUND_TOKENS if token in s], \
+        "an inbound token reached the target"
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import hashlib
 import json
 import select
 import socket
+import sys
 import threading
 import time
 from collections import defaultdict, deque
@@ -138,7 +139,7 @@ class FakeOllama:
             pass
 
         Handler.fake = fake
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = _Server(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
@@ -187,6 +188,15 @@ class FakeOllama:
         if ":" not in name.rsplit("/", 1)[-1]:
             name += ":latest"
         return name.lower() in {m.lower() for m in self.models}
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client (foreman) closing its keep-alive connection is normal here.
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handle_error(request, client_address)
 
 
 class _Handler(BaseHTTPRequestHandler):
