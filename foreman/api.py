@@ -56,10 +56,6 @@ def client_gone_check(request: Request) -> Callable[[], bool]:
     return request.environ.get("waitress.client_disconnected") or (lambda: False)
 
 
-def is_openai(request: Request) -> bool:
-    return request.path.startswith("/v1/")
-
-
 def read_json_object(request: Request) -> tuple[bytes, dict[str, Any]]:
     """The raw body and its parsed object; Ollama's 400s for anything else."""
     raw = request.get_data(cache=False)

@@ -84,10 +84,3 @@ class QueueView:
             waiting.append(entry)
         return {"concurrency": self._slot.concurrency, "running": running,
                 "waiting": waiting, "history": self._estimator.known()}
-
-    def job_estimate(self, job_id: str) -> tuple[int | None, str | None]:
-        """(position in the whole line, estimated start) for a queued chat/generate job."""
-        for entry in self.snapshot()["waiting"]:
-            if entry.get("job_id") == job_id:
-                return entry["position"], entry["estimated_start"]
-        return None, None

@@ -185,7 +185,6 @@ class TargetClient:
         body: Any = None,
         content_type: str | None = None,
         abort: AbortSignal | None = None,
-        read_timeout: float | None = None,
     ) -> Upstream:
         """Send a request and return once the response headers arrived.
 
@@ -193,14 +192,13 @@ class TargetClient:
         """
         headers = {**self._headers, "Content-Type": content_type} if content_type \
             else self._headers
-        timeout = self._timeout if read_timeout is None else (self._timeout[0], read_timeout)
         # A prepared request sent straight through the adapter: a Session would
         # merge cookies, proxies and hooks we never use, at ~0.3 ms a request.
         prepared = requests.PreparedRequest()
         prepared.prepare(method=method, url=self.url + path, headers=headers, data=body)
         _bound.signal = abort
         try:
-            response = self._adapter.send(prepared, stream=True, timeout=timeout)
+            response = self._adapter.send(prepared, stream=True, timeout=self._timeout)
         except _TRANSPORT_ERRORS as exc:
             if abort is not None and abort.aborted:
                 raise TargetUnreachable("request aborted") from None
@@ -215,7 +213,6 @@ class TargetClient:
         path: str,
         payload: Any = None,
         abort: AbortSignal | None = None,
-        read_timeout: float | None = None,
     ) -> tuple[bytes, Any]:
         """A JSON request whose whole answer is wanted: returns (raw body, parsed JSON).
 
@@ -224,8 +221,7 @@ class TargetClient:
         """
         body = None if payload is None else json.dumps(payload).encode()
         upstream = self.open(
-            method, path, body, "application/json" if body is not None else None,
-            abort, read_timeout,
+            method, path, body, "application/json" if body is not None else None, abort
         )
         try:
             raw = upstream.read()

@@ -24,7 +24,6 @@ class EmbedderWarmer:
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="foreman-warmup", daemon=True)
-        self.warmups = 0  # successful warm-ups, for /healthz and tests
 
     def start(self) -> None:
         self._thread.start()
@@ -57,6 +56,5 @@ class EmbedderWarmer:
         except TargetHTTPError as exc:
             log.error("embedder warm-up of %s refused by the target: %s", self.model, exc)
             return False
-        self.warmups += 1
         log.info("embedder %s loaded with keep_alive -1", self.model)
         return True

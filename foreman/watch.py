@@ -21,7 +21,6 @@ class Watch:
     def __init__(self, watcher: ClientWatcher, is_gone: Callable[[], bool],
                  on_gone: Callable[[], None]) -> None:
         self._watcher, self.is_gone, self.on_gone = watcher, is_gone, on_gone
-        self.fired = False
 
     def cancel(self) -> None:
         self._watcher._remove(self)
@@ -64,7 +63,6 @@ class ClientWatcher:
             for watch in watches:
                 try:
                     if watch.is_gone():
-                        watch.fired = True
                         watch.on_gone()
                 except Exception:
                     log.exception("client watch callback failed")

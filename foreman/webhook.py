@@ -35,7 +35,6 @@ class WebhookNotifier:
         self._cond = threading.Condition()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="foreman-webhook", daemon=True)
-        self.delivered = 0
 
     def start(self) -> None:
         self._thread.start()
@@ -73,7 +72,6 @@ class WebhookNotifier:
             response = self._session.post(url, data=body, timeout=self._timeout,
                                           headers={"Content-Type": "application/json"})
             if response.status_code < 300:
-                self.delivered += 1
                 return
             problem = f"answered {response.status_code}"
         except requests.RequestException as exc:
