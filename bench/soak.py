@@ -215,6 +215,8 @@ class Soak:
         fifth = max(1, len(usable) // 5)
         first, last = usable[:fifth], usable[-fifth:]
         summary: dict[str, Any] = {"samples": len(self.samples)}
+        step = max(1, len(self.samples) // 10)
+        summary["rss_mb_every_tenth"] = [round(s["rss_mb"], 1) for s in self.samples[::step]]
         for key in ("rss_mb", "threads", "fds"):
             summary[key] = {
                 "first_fifth_median": statistics.median(s[key] for s in first),
