@@ -226,8 +226,8 @@ class OllamaApi:
 
     def _known(self) -> Snapshot:
         snapshot = self._inventory.snapshot
-        if not snapshot.known:
-            snapshot = self._inventory.refresh()
+        if not snapshot.known:  # never polled successfully: one rate-limited try now
+            snapshot = self._inventory.refresh(for_miss=True)
         if not snapshot.known:
             raise TargetUnreachable(snapshot.error or "no model list yet")
         return snapshot
