@@ -236,6 +236,14 @@ class JobStore:
         jobs = [_job(r) for r in rows[:limit]]
         return jobs, jobs[-1].seq if len(rows) > limit else None
 
+    def peek(self, kinds: tuple[str, ...]) -> Job | None:
+        """The job `claim` would take now, without taking it."""
+        marks = ",".join("?" * len(kinds))
+        rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
+                          " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
+                          (*kinds, self._clock()))
+        return _job(rows[0]) if rows else None
+
     def queued(self, kinds: tuple[str, ...]) -> list[Job]:
         marks = ",".join("?" * len(kinds))
         rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"

@@ -153,20 +153,19 @@ class JobWorker:
             # Jobs wait for the target instead of failing against it.
             self._inventory.wait_for(lambda s: not s.degraded or self._stop.is_set(), 1.0)
             return
-        ready_at = self._store.next_ready_at(kinds)
-        if ready_at is None or ready_at > time.time():
-            self._wait(seen, 1.0 if ready_at is None else min(1.0, ready_at - time.time()))
+        head = self._store.peek(kinds)
+        if head is None:
+            ready_at = self._store.next_ready_at(kinds)
+            wait = 1.0 if ready_at is None else max(0.0, min(1.0, ready_at - time.time()))
+            self._wait(seen, wait)
             return
         if not through_slot:
             job = self._store.claim(kinds)
             if job is not None:
                 self._run(job)
             return
-        head = self._store.queued(kinds)
-        if not head:
-            return
-        work = Work(kind="job", model=head[0].model, tier=BATCH, priority=head[0].priority,
-                    label=head[0].id, resident=self._inventory.is_loaded(head[0].model))
+        work = Work(kind="job", model=head.model, tier=BATCH, priority=head.priority,
+                    label=head.id, resident=self._inventory.is_loaded(head.model))
         try:
             lease = self._slot.acquire(work)
         except WaitCancelled:
