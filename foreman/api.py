@@ -193,14 +193,19 @@ class OllamaApi:
         cleanup = [streaming.cancel, lease.release,
                    lambda: self._metrics.add_chunks(work.chunks)]
         try:
-            if gone():
-                raise ApiError(CLIENT_GONE, "client went away")
-            upstream = self._client.open("POST", request.path, raw, "application/json", abort)
-            return relay(upstream, {}, cleanup, tally=work, json_only=True)
-        except BaseException as exc:
-            for step in cleanup:
-                step()
-            if isinstance(exc, TargetUnreachable) and abort.aborted:
+            try:
+                if gone():
+                    raise ApiError(CLIENT_GONE, "client went away")
+                upstream = self._client.open("POST", request.path, raw, "application/json",
+                                             abort)
+            except BaseException:
+                for step in cleanup:
+                    step()
+                raise
+            # From here on relay owns the cleanup, and runs it exactly once.
+            return relay(upstream, cleanup, tally=work, json_only=True)
+        except TargetUnreachable:
+            if abort.aborted:
                 raise ApiError(CLIENT_GONE, "client went away") from None
             raise
 
@@ -220,7 +225,7 @@ class OllamaApi:
                 upstream.read()
                 upstream.close()
                 upstream = self._client.open("POST", request.path, raw, "application/json")
-            return relay(upstream, {}, [], json_only=True)
+            return relay(upstream, [], json_only=True)
 
     # -- from the inventory ---------------------------------------------------
 
@@ -256,7 +261,7 @@ class OllamaApi:
         upstream = self._client.open(
             request.method, request.path, body, request.content_type or None
         )
-        return relay(upstream, {}, [], head=request.method == "HEAD")
+        return relay(upstream, [], head=request.method == "HEAD")
 
     def admin(self, request: Request, digest: str | None = None) -> WSGIApp:
         if not self._allow_admin:
@@ -272,7 +277,7 @@ class OllamaApi:
         upstream = self._client.open(request.method, request.path, body,
                                      request.content_type or None)
         on_close = [self._inventory.poll_soon] if 200 <= upstream.status < 300 else []
-        return relay(upstream, {}, on_close, head=request.method == "HEAD")
+        return relay(upstream, on_close, head=request.method == "HEAD")
 
 
 class SizedBody:

@@ -38,10 +38,8 @@ def status_line(code: int) -> str:
         return f"{code} Unknown"
 
 
-def relayed_headers(upstream: Upstream, extra: dict[str, str]) -> list[tuple[str, str]]:
-    headers = [(k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_COPIED]
-    headers.extend(extra.items())
-    return headers
+def relayed_headers(upstream: Upstream) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in upstream.headers.items() if k.lower() not in _NOT_COPIED]
 
 
 class Tally(Protocol):
@@ -55,10 +53,10 @@ class _Count:
 class StreamedBody:
     """A WSGI app and its body iterable: relays a streaming target response."""
 
-    def __init__(self, upstream: Upstream, extra_headers: dict[str, str],
-                 on_close: list[Callable[[], None]], tally: Tally) -> None:
+    def __init__(self, upstream: Upstream, on_close: list[Callable[[], None]],
+                 tally: Tally) -> None:
         self._upstream = upstream
-        self._headers = relayed_headers(upstream, extra_headers)
+        self._headers = relayed_headers(upstream)
         self._on_close = on_close
         self._sse = upstream.content_type.startswith("text/event-stream")
         self._gen: Iterator[bytes] | None = None
@@ -109,10 +107,10 @@ class StreamedBody:
 _STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
-def relay(upstream: Upstream, extra_headers: dict[str, str],
-          on_close: list[Callable[[], None]], head: bool = False,
+def relay(upstream: Upstream, on_close: list[Callable[[], None]], head: bool = False,
           tally: Tally | None = None, json_only: bool = False) -> WSGIApp:
-    """The response for `upstream`; `on_close` callbacks run exactly once, when it is done.
+    """The response for `upstream`; `on_close` callbacks run exactly once, when it is
+    done, also when this call raises.
 
     A streamed response counts its chunks into `tally` as they go.  With
     `json_only` (the inference routes), a 2xx answer that is neither a stream
@@ -120,7 +118,7 @@ def relay(upstream: Upstream, extra_headers: dict[str, str],
     """
     ctype = upstream.content_type
     if ctype.startswith(_STREAM_TYPES):
-        return StreamedBody(upstream, extra_headers, on_close, tally or _Count())
+        return StreamedBody(upstream, on_close, tally or _Count())
     try:
         body = upstream.read()
     finally:
@@ -130,7 +128,7 @@ def relay(upstream: Upstream, extra_headers: dict[str, str],
     if json_only and 200 <= upstream.status < 300 and not _looks_like_json(ctype, body):
         raise TargetBadAnswer(f"a {upstream.status} with content type {ctype or 'none'}"
                               f" that is not JSON")
-    headers = relayed_headers(upstream, extra_headers)
+    headers = relayed_headers(upstream)
     length = upstream.headers.get("Content-Length", "0") if head else str(len(body))
     headers.append(("Content-Length", length))
 
