@@ -22,8 +22,8 @@ from .errors import ApiError, json_response
 from .inventory import Inventory
 from .queue_view import QueueView, iso
 from .relay import WSGIApp
-from .store import KINDS, STATUSES, Job, JobStore
-from .worker import GENERATION_KINDS, JobWorker
+from .store import GENERATION_KINDS, KINDS, STATUSES, Job, JobStore
+from .worker import JobWorker
 
 MAX_WAIT_SECONDS = 60.0
 MAX_LIST_LIMIT = 500

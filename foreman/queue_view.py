@@ -16,8 +16,8 @@ from typing import Any
 from .estimates import Estimator
 from .inventory import Inventory
 from .slot import INTERACTIVE, ChatSlot
-from .store import JobStore
-from .worker import GENERATION_KINDS, JobWorker
+from .store import GENERATION_KINDS, JobStore
+from .worker import JobWorker
 
 
 def iso(stamp: float | None) -> str | None:

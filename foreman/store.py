@@ -25,6 +25,8 @@ from typing import Any
 from .errors import ApiError
 
 KINDS = ("chat", "generate", "embed")
+GENERATION_KINDS = ("chat", "generate")  # the chat-slot lane
+EMBED_KINDS = ("embed",)
 FINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", *FINAL)
 
@@ -99,6 +101,11 @@ def _job(row: sqlite3.Row) -> Job:
         attempts=row["attempts"], result=None if row["result"] is None else json.loads(
             row["result"]), error=row["error"],
     )
+
+
+def _placeholders(values: tuple[str, ...]) -> str:
+    """`?, ?` for an `IN (...)` clause over `values`."""
+    return ",".join("?" * len(values))
 
 
 def fingerprint(kind: str, request: dict[str, Any], priority: int, webhook: str | None) -> str:
@@ -209,11 +216,11 @@ class JobStore:
         """1-based place among queued jobs of the same lane (embed, or chat/generate)."""
         if job.status != "queued":
             return None
-        lane = ("embed",) if job.kind == "embed" else ("chat", "generate")
+        lane = EMBED_KINDS if job.kind in EMBED_KINDS else GENERATION_KINDS
         ahead = self._read(
-            "SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND kind IN (?, ?) AND"
-            " (priority > ? OR (priority = ? AND seq < ?))",
-            (lane[0], lane[-1], job.priority, job.priority, job.seq),
+            f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND kind IN"
+            f" ({_placeholders(lane)}) AND (priority > ? OR (priority = ? AND seq < ?))",
+            (*lane, job.priority, job.priority, job.seq),
         )[0][0]
         return int(ahead) + 1
 
@@ -238,21 +245,21 @@ class JobStore:
 
     def peek(self, kinds: tuple[str, ...]) -> Job | None:
         """The job `claim` would take now, without taking it."""
-        marks = ",".join("?" * len(kinds))
+        marks = _placeholders(kinds)
         rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
                           " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
                           (*kinds, self._clock()))
         return _job(rows[0]) if rows else None
 
     def queued(self, kinds: tuple[str, ...]) -> list[Job]:
-        marks = ",".join("?" * len(kinds))
+        marks = _placeholders(kinds)
         rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
                           " ORDER BY priority DESC, seq", kinds)
         return [_job(r) for r in rows]
 
     def next_ready_at(self, kinds: tuple[str, ...]) -> float | None:
         """When the earliest queued job of these kinds may run (None: nothing queued)."""
-        marks = ",".join("?" * len(kinds))
+        marks = _placeholders(kinds)
         rows = self._read(
             f"SELECT MIN(not_before) FROM jobs WHERE status = 'queued' AND kind IN ({marks})",
             kinds)
@@ -262,7 +269,7 @@ class JobStore:
 
     def claim(self, kinds: tuple[str, ...]) -> Job | None:
         """Atomically take the best ready job of these kinds and mark it running."""
-        marks = ",".join("?" * len(kinds))
+        marks = _placeholders(kinds)
         now = self._clock()
         with self._write() as db:
             row = db.execute(

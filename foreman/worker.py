@@ -26,13 +26,11 @@ from .errors import TargetHTTPError, TargetUnreachable
 from .inventory import Inventory
 from .metrics import Metrics
 from .slot import BATCH, ChatSlot, WaitCancelled, Work
-from .store import Job, JobStore, StoreUnavailable
+from .store import EMBED_KINDS, GENERATION_KINDS, Job, JobStore, StoreUnavailable
 from .target import AbortSignal, TargetClient
 
 log = logging.getLogger("foreman.jobs")
 
-GENERATION_KINDS = ("chat", "generate")
-EMBED_KINDS = ("embed",)
 OUTAGE_RETRY_SECONDS = 1.0
 MAINTENANCE_SECONDS = 60.0
 
