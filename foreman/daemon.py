@@ -47,7 +47,6 @@ class Daemon:
     notifier: WebhookNotifier
     app: ForemanApp
     server: Server
-    _serving: threading.Thread | None = dataclasses.field(default=None, init=False)
     _stopped: bool = dataclasses.field(default=False, init=False)
 
     @property
@@ -62,9 +61,7 @@ class Daemon:
         self.inventory.start()
         self.notifier.start()
         self.worker.start()
-        self._serving = threading.Thread(target=self.server.serve, name="foreman-server",
-                                         daemon=True)
-        self._serving.start()
+        threading.Thread(target=self.server.serve, name="foreman-server", daemon=True).start()
         log.info("foreman serving on %s, target %s", self.url, self.client.display_url)
 
     def shutdown(self, drain_timeout: float | None = None) -> bool:

@@ -44,8 +44,7 @@ def retry_delay(attempts: int) -> float:
 class Running:
     job: Job
     abort: AbortSignal
-    pieces: list[str] = field(default_factory=list)
-    chunks: int = 0
+    pieces: list[str] = field(default_factory=list)  # one per stream chunk
 
 
 class JobWorker:
@@ -117,7 +116,7 @@ class JobWorker:
         """Stream chunks a running job has received so far."""
         with self._lock:
             item = self._running.get(job_id)
-            return item.chunks if item is not None else 0
+            return len(item.pieces) if item is not None else 0
 
     def abort(self, job_id: str) -> bool:
         """Cut a running job's upstream request (after the store marked it cancelled)."""
@@ -209,7 +208,7 @@ class JobWorker:
             self._settle(job, "succeeded", result=result)
         finally:
             self._metrics.observe_job_run(time.monotonic() - started)
-            self._metrics.add_chunks(item.chunks)
+            self._metrics.add_chunks(len(item.pieces))
             with self._lock:
                 self._running.pop(job.id, None)
 
@@ -263,7 +262,6 @@ class JobWorker:
                 piece = assembled.add(chunk)
                 with self._lock:
                     item.pieces.append(piece)
-                    item.chunks += 1
                 if chunk.get("done"):
                     final = chunk
             if final is None:
