@@ -23,6 +23,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import requests
@@ -105,31 +106,32 @@ class Soak:
             if not ok:
                 self.stop.wait(0.1)  # a client backs off a little, as real ones do
 
-    def stream(self) -> tuple[bool, str]:
-        body = json.dumps({"model": "llama3", "messages": [], "options": {
-            "num_predict": 40, "fake_token_delay": 0.005}}).encode()
+    def _chat(self, options: dict[str, Any],
+              read: Callable[[ChunkReader], tuple[bool, str]]) -> tuple[bool, str]:
+        """Open a streaming chat and let `read` consume as much of it as it wants."""
+        body = json.dumps({"model": "llama3", "messages": [], "options": options}).encode()
         reader = ChunkReader(self.foreman.url, "POST", "/api/chat", body, timeout=30)
         try:
             if reader.status != 200:
                 return False, f"status {reader.status}"
-            last = reader.chunks()[-1]
+            return read(reader)
         finally:
             reader.close()
-        message = json.loads(last)
-        return bool(message.get("done")), last.decode()[:200]
+
+    def stream(self) -> tuple[bool, str]:
+        def to_the_end(reader: ChunkReader) -> tuple[bool, str]:
+            last = reader.chunks()[-1]
+            return bool(json.loads(last).get("done")), last.decode()[:200]
+
+        return self._chat({"num_predict": 40, "fake_token_delay": 0.005}, to_the_end)
 
     def hang_up(self) -> tuple[bool, str]:
-        body = json.dumps({"model": "llama3", "messages": [], "options": {
-            "num_predict": 400, "fake_token_delay": 0.01}}).encode()
-        reader = ChunkReader(self.foreman.url, "POST", "/api/chat", body, timeout=30)
-        try:
-            if reader.status != 200:
-                return False, f"status {reader.status}"
+        def two_chunks(reader: ChunkReader) -> tuple[bool, str]:
             reader.next_chunk()
             reader.next_chunk()
-        finally:
-            reader.close()
-        return True, ""
+            return True, ""
+
+        return self._chat({"num_predict": 400, "fake_token_delay": 0.01}, two_chunks)
 
     def embed(self, client: KeepAlive) -> tuple[bool, str]:
         status, body = client.post("/api/embed", json.dumps({
