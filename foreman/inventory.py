@@ -51,7 +51,6 @@ class Snapshot:
     tags_body: bytes | None = None  # the target's /api/tags answer, served verbatim
     ps_body: bytes | None = None
     models: tuple[dict[str, Any], ...] = ()
-    running: tuple[dict[str, Any], ...] = ()
     names: frozenset[str] = frozenset()
     loaded_names: frozenset[str] = frozenset()
     degraded: bool = True
@@ -217,7 +216,7 @@ class Inventory:
                 log.warning("target degraded: %s%s", exc, serving)
             return
         self._snapshot = Snapshot(
-            tags_raw, ps_raw, models, running, _names(models), _names(running),
+            tags_raw, ps_raw, models, _names(models), _names(running),
             False, None, now, now,
         )
         if previous.degraded:
