@@ -65,13 +65,16 @@ class AbortSignal:
                 self._conn = None
 
 
-_bound = threading.local()
-
-
 class _AbortablePoolMixin:
+    """A urllib3 pool that attaches each connection it hands out to the signal of
+    the request asking for it; each TargetClient makes its own subclasses."""
+
+    # Per thread: the AbortSignal of the request this thread is sending, if any.
+    requesting: threading.local
+
     def _get_conn(self, timeout: float | None = None) -> Any:
         conn = super()._get_conn(timeout)  # type: ignore[misc]
-        signal = getattr(_bound, "signal", None)
+        signal = getattr(self.requesting, "signal", None)
         if signal is not None:
             if signal.aborted:
                 super()._put_conn(conn)  # type: ignore[misc]
@@ -85,14 +88,6 @@ class _AbortablePoolMixin:
             conn.foreman_abort_signal = None
             signal._detach(conn)
         super()._put_conn(conn)  # type: ignore[misc]
-
-
-class _AbortableHTTPPool(_AbortablePoolMixin, HTTPConnectionPool):
-    pass
-
-
-class _AbortableHTTPSPool(_AbortablePoolMixin, HTTPSConnectionPool):
-    pass
 
 
 class Upstream:
@@ -168,9 +163,12 @@ class TargetClient:
         self.display_url = redact_url(self.url)
         self._timeout = (connect_timeout, read_timeout)
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
+        self._requesting = threading.local()
+        bound = {"requesting": self._requesting}
         adapter.poolmanager.pool_classes_by_scheme = {
-            "http": _AbortableHTTPPool,
-            "https": _AbortableHTTPSPool,
+            "http": type("AbortableHTTPPool", (_AbortablePoolMixin, HTTPConnectionPool), bound),
+            "https": type("AbortableHTTPSPool", (_AbortablePoolMixin, HTTPSConnectionPool),
+                          bound),
         }
         self._adapter = adapter
         # Bodies are re-streamed byte for byte; compression would only cost CPU.
@@ -196,7 +194,7 @@ class TargetClient:
         # merge cookies, proxies and hooks we never use, at ~0.3 ms a request.
         prepared = requests.PreparedRequest()
         prepared.prepare(method=method, url=self.url + path, headers=headers, data=body)
-        _bound.signal = abort
+        self._requesting.signal = abort
         try:
             response = self._adapter.send(prepared, stream=True, timeout=self._timeout)
         except _TRANSPORT_ERRORS as exc:
@@ -204,7 +202,7 @@ class TargetClient:
                 raise TargetUnreachable("request aborted") from None
             raise TargetUnreachable(_describe(exc, self.display_url)) from None
         finally:
-            _bound.signal = None
+            self._requesting.signal = None
         return Upstream(response, abort)
 
     def call(
