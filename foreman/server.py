@@ -2,10 +2,10 @@
 
 waitress is tuned here for a proxy of long streams: lookahead so a departed
 client is noticed, no `Server` header (Ollama sends none), poll() instead of
-select() and a connection limit set by the descriptor limit, and a pool
-sized by the config.  `stop_accepting` closes only the listening socket, from
-waitress's own loop, so in-flight responses carry on; `close` then ends
-everything.
+select() and a connection limit set by the descriptor limit, and a pool sized
+by the config whose idle threads are woken newest first.  `stop_accepting`
+closes only the listening socket, from waitress's own loop, so in-flight
+responses carry on; `close` then ends everything.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from waitress import create_server, wasyncore
+from waitress.task import ThreadedTaskDispatcher
 
 # Request bodies up to this size are read (spooled to disk past 512 KB) so the
 # application can answer an oversized one with its own JSON 413.
@@ -41,6 +42,47 @@ def connection_budget() -> int:
     return max(100, min(soft - 200, 10000))
 
 
+class _NewestIdleFirst:
+    """The dispatcher's wake-up condition, waking the thread that went idle last.
+
+    waitress's own is a `threading.Condition`, which wakes the longest-idle
+    thread, so with a pool sized for every queued chat, each short request
+    lands on a different thread and every thread's allocator caches (glibc's
+    tcache, a share of its arenas) fill in turn: RSS crept up 1.2 MB a minute
+    in the soak with no Python object leaking.  Waking the newest idle thread
+    keeps the short work on a few warm threads.  The methods are the ones
+    `ThreadedTaskDispatcher` calls, always with its lock held.
+    """
+
+    def __init__(self, lock: threading.Lock) -> None:
+        self._lock = lock
+        self._idle: list[threading.Lock] = []
+
+    def wait(self) -> None:
+        wake = threading.Lock()
+        wake.acquire()
+        self._idle.append(wake)
+        self._lock.release()
+        try:
+            wake.acquire()
+        finally:
+            self._lock.acquire()
+
+    def notify(self, n: int = 1) -> None:
+        for _ in range(min(n, len(self._idle))):
+            self._idle.pop().release()
+
+    def notify_all(self) -> None:
+        self.notify(len(self._idle))
+
+
+def warm_thread_dispatcher(threads: int) -> ThreadedTaskDispatcher:
+    dispatcher = ThreadedTaskDispatcher()
+    dispatcher.queue_cv = _NewestIdleFirst(dispatcher.lock)
+    dispatcher.set_thread_count(threads)
+    return dispatcher
+
+
 class Server:
     def __init__(self, app: Any, host: str, port: int, threads: int, max_body: int) -> None:
         self._server = create_server(
@@ -48,6 +90,7 @@ class Server:
             host=host,
             port=port,
             threads=threads,
+            _dispatcher=warm_thread_dispatcher(threads),
             channel_request_lookahead=1,
             ident="",
             # select() cannot watch descriptors past 1024: with more connections
