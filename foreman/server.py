@@ -10,13 +10,16 @@ responses carry on; `close` then ends everything.
 
 from __future__ import annotations
 
+import json
 import resource
 import threading
 import time
 from typing import Any
 
 from waitress import create_server, wasyncore
-from waitress.task import ThreadedTaskDispatcher
+from waitress.channel import HTTPChannel
+from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.utilities import Error
 
 # Request bodies up to this size are read (spooled to disk past 512 KB) so the
 # application can answer an oversized one with its own JSON 413.
@@ -83,6 +86,33 @@ def warm_thread_dispatcher(threads: int) -> ThreadedTaskDispatcher:
     return dispatcher
 
 
+class _AsJson:
+    """A waitress error rendered as foreman renders every error: `{"error": "..."}`."""
+
+    def __init__(self, error: Error) -> None:
+        self._error = error
+
+    def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
+        error = self._error
+        body = json.dumps({"error": f"{error.reason.lower()}: {error.body}"}).encode()
+        return (f"{error.code} {error.reason}",
+                [("Content-Type", "application/json; charset=utf-8")], body)
+
+
+class _JsonErrorTask(ErrorTask):
+    """waitress answers requests it cannot parse (a malformed request line,
+    headers past its limit, an unknown transfer coding) itself, before foreman
+    sees them; this makes that answer JSON too instead of plain text."""
+
+    def execute(self) -> None:
+        self.request.error = _AsJson(self.request.error)
+        super().execute()
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _JsonErrorTask
+
+
 class Server:
     def __init__(self, app: Any, host: str, port: int, threads: int, max_body: int) -> None:
         self._server = create_server(
@@ -100,6 +130,7 @@ class Server:
             max_request_body_size=max(_WAITRESS_BODY_LIMIT, max_body + 1),
             clear_untrusted_proxy_headers=True,
         )
+        self._server.channel_class = _Channel
         self._stopped = threading.Event()
 
     @property
