@@ -4,6 +4,7 @@ connections, header floods.  Memory stays bounded and other clients are still se
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import threading
@@ -60,9 +61,11 @@ def test_oversized_bodies_get_a_json_413(make_foreman: Callable[..., Daemon]) ->
     for _ in range(20):
         sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
     sock.sendall(b"0\r\n\r\n")
-    answer = sock.recv(65536)
+    answer = http.client.HTTPResponse(sock)
+    answer.begin()
+    assert answer.status == 413 and json.loads(answer.read()) == {
+        "error": "request body too large"}
     sock.close()
-    assert answer.startswith(b"HTTP/1.1 413") and b'{"error": "request body too large"}' in answer
     assert requests.get(daemon.url + "/healthz", timeout=5).status_code == 200
 
 
