@@ -241,7 +241,7 @@ class Soak:
             and len(finished) == len(self.jobs) and (bool(finished) or not self.with_jobs),
             "every failure falls in a target restart": not self.unexplained,
             "foreman healthy at the end": health["status"] == "ok",
-            "rss flat (within 10 MB)": flat("rss_mb", 10.0),
+            "rss flat (within 5 MB)": flat("rss_mb", 5.0),
             "threads flat (within 5)": flat("threads", 5),
             "file descriptors flat (within 10)": flat("fds", 10),
         }
