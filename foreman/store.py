@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ApiError
@@ -284,16 +284,20 @@ class JobStore:
         return _job(claimed)
 
     def finish(self, job: Job, status: str, result: Any = None, error: str | None = None
-               ) -> bool:
-        """running -> a final state, if this attempt still owns the job."""
+               ) -> Job | None:
+        """running -> a final state, if this attempt still owns the job: returns the
+        job as finished, or None if a cancel or a newer attempt got there first."""
+        finished_at = self._clock()
         with self._write() as db:
             changed = db.execute(
                 "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?"
                 " WHERE id = ? AND status = 'running' AND attempts = ?",
-                (status, None if result is None else json.dumps(result), error, self._clock(),
+                (status, None if result is None else json.dumps(result), error, finished_at,
                  job.id, job.attempts),
             ).rowcount
-        return changed == 1
+        if changed != 1:
+            return None
+        return replace(job, status=status, result=result, error=error, finished_at=finished_at)
 
     def requeue(self, job: Job, delay: float, spend_attempt: bool, error: str | None) -> bool:
         """running -> queued after `delay` seconds; a target outage does not spend an attempt."""

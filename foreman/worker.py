@@ -229,10 +229,9 @@ class JobWorker:
         delay = OUTAGE_RETRY_SECONDS
         while True:
             try:
-                if self._store.finish(job, status, result, error):
-                    finished = self._store.get(job.id)
-                    if finished is not None:
-                        self._notify(finished)
+                finished = self._store.finish(job, status, result, error)
+                if finished is not None:
+                    self._notify(finished)
                 return
             except StoreUnavailable as exc:
                 log.error("cannot record job %s as %s yet: %s", job.id, status, exc.message)

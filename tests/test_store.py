@@ -57,6 +57,15 @@ def test_transitions_are_compare_and_set(store: JobStore) -> None:
     assert store.get(job.id).status == "cancelled"
 
 
+def test_finish_returns_the_job_exactly_as_stored(store: JobStore) -> None:
+    store.submit("embed", {"model": "m", "input": "x"}, webhook="http://127.0.0.1:9/hook")
+    job = store.claim(("embed",))
+    assert job is not None
+    finished = store.finish(job, "succeeded", result={"embeddings": [[0.5, -1.25e-3]]})
+    assert finished is not None and finished.status == "succeeded"
+    assert finished == store.get(job.id)  # what the notifier gets without reading it back
+
+
 def test_requeue_without_spending_an_attempt_and_backoff(store: JobStore, clock: Clock) -> None:
     store.submit("chat", {"model": "m"})
     job = store.claim(("chat",))
