@@ -76,7 +76,7 @@ class JobsApi:
         position, estimated = None, None
         if job.status == "queued":
             if job.kind in GENERATION_KINDS:
-                position, estimated = (self._line() if line is None else line).get(
+                position, estimated = self._queue.place(job) if line is None else line.get(
                     job.id, (None, None))
             else:
                 position = self._store.position(job)

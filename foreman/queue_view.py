@@ -10,13 +10,14 @@ that point on unknown, and the view says why.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .estimates import Estimator
 from .inventory import Inventory
-from .slot import INTERACTIVE, ChatSlot
-from .store import GENERATION_KINDS, JobStore
+from .slot import INTERACTIVE, ChatSlot, Work
+from .store import GENERATION_KINDS, Job, JobStore
 from .worker import JobWorker
 
 
@@ -45,6 +46,34 @@ class QueueView:
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
         holders, line = self._slot.snapshot()
+        running, free_at = self._running(holders, now)
+        waiting = []
+        for turn, position, start, unknown in self._schedule(self._turns(line), free_at, now):
+            entry: dict[str, Any] = {"position": position, "kind": turn.kind,
+                                     "model": turn.model, **turn.ident,
+                                     "waited_seconds": round(now - turn.since, 3),
+                                     "estimated_start": iso(start)}
+            if unknown is not None:
+                entry["estimate"] = f"unknown: {unknown}"
+            waiting.append(entry)
+        return {"concurrency": self._slot.concurrency, "running": running,
+                "waiting": waiting, "history": self._estimator.known()}
+
+    def place(self, job: Job) -> tuple[int, str | None]:
+        """A queued chat/generate job's position and estimated start, as `snapshot`
+        would show them, from the turns ahead of it only."""
+        now = time.time()
+        holders, line = self._slot.snapshot()
+        _, free_at = self._running(holders, now)
+        own = Turn("job", job.model, {"job_id": job.id}, job.created_at,
+                   self._inventory.is_loaded(job.model))
+        turns = [*self._turns(line, ahead_of=job), own]
+        *_, (_, position, start, _) = self._schedule(turns, free_at, now)
+        return position, iso(start)
+
+    def _running(self, holders: list[Work], now: float
+                 ) -> tuple[list[dict[str, Any]], list[float | None]]:
+        """What holds the slot now, and when each place frees up (None: unknown)."""
         running = []
         free_at: list[float | None] = []
         for work in holders:
@@ -59,28 +88,36 @@ class QueueView:
             started = work.started_at or now
             free_at.append(None if estimate is None else max(now, started + estimate))
         free_at += [now] * max(0, self._slot.concurrency - len(free_at))
+        return running, free_at
+
+    def _turns(self, line: list[Work], ahead_of: Job | None = None) -> list[Turn]:
+        """Interactive waiters first, then queued chat/generate jobs in claim order."""
         turns = [Turn(w.kind, w.model, {"request_id": w.label}, w.enqueued_at, w.resident)
                  for w in line if w.tier == INTERACTIVE]
-        turns += [Turn("job", j.model, {"job_id": j.id}, j.created_at,
-                       self._inventory.is_loaded(j.model))
-                  for j in self._store.queued(GENERATION_KINDS)]
-        waiting, unknown = [], None
+        queued = self._store.line(GENERATION_KINDS, ahead_of)
+        loaded = {model: self._inventory.is_loaded(model) for model in {q.model for q in queued}}
+        return turns + [Turn("job", q.model, {"job_id": q.id}, q.created_at, loaded[q.model])
+                        for q in queued]
+
+    def _schedule(self, turns: list[Turn], free_at: list[float | None], now: float
+                  ) -> Iterator[tuple[Turn, int, float | None, str | None]]:
+        """(turn, position, estimated start, why unknown) for each turn in order,
+        simulated over the slot's places; once one start is unknown, all later are."""
+        unknown: str | None = None
+        estimates: dict[tuple[str, bool], float | None] = {}  # thousands of turns, few models
         for position, turn in enumerate(turns, 1):
-            entry: dict[str, Any] = {"position": position, "kind": turn.kind,
-                                     "model": turn.model, **turn.ident,
-                                     "waited_seconds": round(now - turn.since, 3)}
-            estimate = self._estimator.estimate(turn.model, turn.resident)
-            if unknown is None and (estimate is None or None in free_at):
-                unknown = (f"no history for model {turn.model} yet" if estimate is None
-                           else "no history yet for a model that is running")
+            start = None
             if unknown is None:
-                place = min(range(len(free_at)), key=lambda i: free_at[i] or 0.0)
-                start = free_at[place] or now
-                free_at[place] = start + (estimate or 0.0)
-                entry["estimated_start"] = iso(start)
-            else:
-                entry["estimated_start"] = None
-                entry["estimate"] = f"unknown: {unknown}"
-            waiting.append(entry)
-        return {"concurrency": self._slot.concurrency, "running": running,
-                "waiting": waiting, "history": self._estimator.known()}
+                key = (turn.model, turn.resident)
+                if key not in estimates:
+                    estimates[key] = self._estimator.estimate(*key)
+                estimate = estimates[key]
+                if estimate is None:
+                    unknown = f"no history for model {turn.model} yet"
+                elif None in free_at:
+                    unknown = "no history yet for a model that is running"
+                else:
+                    place = min(range(len(free_at)), key=lambda i: free_at[i] or 0.0)
+                    start = free_at[place] or now
+                    free_at[place] = start + estimate
+            yield turn, position, start, unknown

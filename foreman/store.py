@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import ApiError
 
@@ -35,6 +35,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     id TEXT NOT NULL UNIQUE,
     kind TEXT NOT NULL,
+    model TEXT NOT NULL DEFAULT '',
     status TEXT NOT NULL,
     priority INTEGER NOT NULL,
     request TEXT NOT NULL,
@@ -103,6 +104,19 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+class Queued(NamedTuple):
+    """A queued job as the line needs it: no request or result to parse.  A tuple,
+    since the line can be thousands of jobs long and is read on every submit."""
+
+    id: str
+    model: str
+    created_at: float
+
+
+# Rows claimed before the job given as (priority, priority, seq): the claim order.
+_AHEAD_OF = "(priority > ? OR (priority = ? AND seq < ?))"
+
+
 def _placeholders(values: tuple[str, ...]) -> str:
     """`?, ?` for an `IN (...)` clause over `values`."""
     return ",".join("?" * len(values))
@@ -112,6 +126,19 @@ def fingerprint(kind: str, request: dict[str, Any], priority: int, webhook: str 
     canonical = json.dumps([kind, request, priority, webhook], sort_keys=True,
                            separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _add_model_column(db: sqlite3.Connection) -> None:
+    """Databases written before jobs had a `model` column get one, filled in from
+    each job's request, so the line can be read without parsing requests."""
+    if any(column["name"] == "model" for column in db.execute("PRAGMA table_info(jobs)")):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT ''")
+    db.executemany("UPDATE jobs SET model = ? WHERE seq = ?", (
+        (str(json.loads(row["request"]).get("model", "")), row["seq"])
+        for row in db.execute("SELECT seq, request FROM jobs").fetchall()))
+    db.execute("COMMIT")
 
 
 class JobStore:
@@ -131,6 +158,7 @@ class JobStore:
             if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise StoreCorrupt(f"{path}: the job database failed its integrity check")
             self._db.executescript(_SCHEMA)
+            _add_model_column(self._db)
         except sqlite3.DatabaseError as exc:
             raise StoreCorrupt(f"{path}: cannot open the job database: {exc}") from None
 
@@ -200,10 +228,11 @@ class JobStore:
                     return _job(row), False
             job_id = uuid.uuid4().hex
             db.execute(
-                "INSERT INTO jobs (id, kind, status, priority, request, webhook, idempotency_key,"
-                " fingerprint, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (job_id, kind, priority, json.dumps(request), webhook, idempotency_key,
-                 print_, self._clock()),
+                "INSERT INTO jobs (id, kind, model, status, priority, request, webhook,"
+                " idempotency_key, fingerprint, created_at)"
+                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, str(request.get("model", "")), priority, json.dumps(request),
+                 webhook, idempotency_key, print_, self._clock()),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return _job(row), True
@@ -219,7 +248,7 @@ class JobStore:
         lane = EMBED_KINDS if job.kind in EMBED_KINDS else GENERATION_KINDS
         ahead = self._read(
             f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND kind IN"
-            f" ({_placeholders(lane)}) AND (priority > ? OR (priority = ? AND seq < ?))",
+            f" ({_placeholders(lane)}) AND {_AHEAD_OF}",
             (*lane, job.priority, job.priority, job.seq),
         )[0][0]
         return int(ahead) + 1
@@ -251,11 +280,16 @@ class JobStore:
                           (*kinds, self._clock()))
         return _job(rows[0]) if rows else None
 
-    def queued(self, kinds: tuple[str, ...]) -> list[Job]:
-        marks = _placeholders(kinds)
-        rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
-                          " ORDER BY priority DESC, seq", kinds)
-        return [_job(r) for r in rows]
+    def line(self, kinds: tuple[str, ...], ahead_of: Job | None = None) -> list[Queued]:
+        """Queued jobs of these kinds in the order workers will claim them; with
+        `ahead_of`, only those that come before that job."""
+        sql = (f"SELECT id, model, created_at FROM jobs"
+               f" WHERE status = 'queued' AND kind IN ({_placeholders(kinds)})")
+        args: tuple[Any, ...] = kinds
+        if ahead_of is not None:
+            sql += f" AND {_AHEAD_OF}"
+            args += (ahead_of.priority, ahead_of.priority, ahead_of.seq)
+        return [Queued(*row) for row in self._read(sql + " ORDER BY priority DESC, seq", args)]
 
     def next_ready_at(self, kinds: tuple[str, ...]) -> float | None:
         """When the earliest queued job of these kinds may run (None: nothing queued)."""

@@ -6,6 +6,7 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from datetime import datetime
 
 import pytest
 import requests
@@ -62,6 +63,36 @@ def test_queue_shows_running_and_waiting_with_estimates_once_there_is_history(
     assert job["position"] == 2 and job["estimated_start"] is None
     fake.release.set()
     waiter.join(30)
+
+
+def test_a_jobs_position_and_estimate_match_the_queue_view(
+        foreman: Daemon, fake: FakeOllama) -> None:
+    fake.loaded["llama3:latest"] = "5m"
+    foreman.inventory.refresh()
+    assert requests.post(foreman.url + "/api/chat", json={**CHAT, "stream": False},
+                         timeout=10).status_code == 200  # history for llama3
+    fake.fault("/api/chat", Fault("hang"))
+    requests.post(foreman.url + "/jobs", json={"kind": "chat", "request": CHAT}, timeout=5)
+    assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 2)
+    queued = [requests.post(foreman.url + "/jobs", timeout=5, json={
+        "kind": kind, "request": CHAT if kind == "chat" else {"model": "llama3", "prompt": "x"},
+        "priority": priority}).json()["id"]
+        for kind, priority in [("chat", 0), ("generate", 5), ("chat", 0), ("chat", 5)]]
+    view = requests.get(foreman.url + "/queue", timeout=5).json()
+    in_line = {w["job_id"]: w for w in view["waiting"]}
+    assert [w["job_id"] for w in view["waiting"]] == [queued[i] for i in (1, 3, 0, 2)]
+    for job_id in queued:
+        job = requests.get(f"{foreman.url}/jobs/{job_id}", timeout=5).json()
+        assert job["position"] == in_line[job_id]["position"]
+        assert job["estimated_start"] is not None
+        # Both are simulated from "now"; the two requests are a few ms apart.
+        assert abs(iso_seconds(job["estimated_start"])
+                   - iso_seconds(in_line[job_id]["estimated_start"])) < 1.0
+    fake.release.set()
+
+
+def iso_seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def test_metrics_parse_and_count_what_happened(make_foreman: Callable[..., Daemon],

@@ -154,3 +154,37 @@ def test_read_only_database_refuses_writes_with_503(tmp_path: Path) -> None:
         store.submit("chat", {"model": "m"})
     assert refused.value.status == 503 and "readonly" in refused.value.message
     assert not isinstance(refused.value, sqlite3.Error)
+
+
+def test_the_line_in_claim_order_and_ahead_of_a_job(store: JobStore) -> None:
+    low, _ = store.submit("chat", {"model": "a"}, priority=0)
+    high, _ = store.submit("generate", {"model": "b", "prompt": "x"}, priority=5)
+    store.submit("embed", {"model": "e", "input": "x"})
+    last, _ = store.submit("chat", {"model": "c"}, priority=0)
+    line = store.line(("chat", "generate"))
+    assert [(q.id, q.model) for q in line] == [(high.id, "b"), (low.id, "a"), (last.id, "c")]
+    assert [q.id for q in store.line(("chat", "generate"), ahead_of=last)] == [high.id, low.id]
+    assert store.line(("chat", "generate"), ahead_of=high) == []
+
+
+def test_a_database_from_before_the_model_column_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    old = sqlite3.connect(path)
+    old.executescript("""
+        CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL, status TEXT NOT NULL, priority INTEGER NOT NULL,
+            request TEXT NOT NULL, webhook TEXT, idempotency_key TEXT UNIQUE,
+            fingerprint TEXT NOT NULL, created_at REAL NOT NULL, started_at REAL,
+            finished_at REAL, not_before REAL NOT NULL DEFAULT 0,
+            attempts INTEGER NOT NULL DEFAULT 0, result TEXT, error TEXT);
+        INSERT INTO jobs (id, kind, status, priority, request, fingerprint, created_at)
+            VALUES ('old1', 'chat', 'queued', 0, '{"model": "llama3", "messages": []}', 'f', 1);
+    """)
+    old.commit()
+    old.close()
+    store = JobStore(str(path))
+    assert [(q.id, q.model) for q in store.line(("chat",))] == [("old1", "llama3")]
+    job = store.claim(("chat",))
+    assert job is not None and job.model == "llama3"
+    store.close()
+    assert [(q.id, q.model) for q in JobStore(str(path)).line(("chat",))] == []
