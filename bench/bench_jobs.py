@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import statistics
 import tempfile
 import threading
 import time
@@ -52,6 +53,27 @@ def submit_rate(total: int, clients: int) -> dict[str, Any]:
         foreman.stop()
     return {"submits": len(latencies), "clients": clients,
             "submits_per_s": len(latencies) / elapsed, "latency_ms": summary(latencies)}
+
+
+def submit_at_depth(total: int) -> dict[str, Any]:
+    """Chat jobs submitted one after another while none runs (target down): each 202
+    carries the new job's place and estimated start behind everything queued."""
+    foreman = start_foreman("http://127.0.0.1:9", "")
+    body = json.dumps({"kind": "chat", "request": {
+        "model": "m", "messages": [{"role": "user", "content": "x" * 2000}]}}).encode()
+    client = KeepAlive(foreman.url)
+    latencies = []
+    try:
+        for _ in range(total):
+            started = time.perf_counter()
+            status, _ = client.post("/jobs", body)
+            latencies.append((time.perf_counter() - started) * 1000)
+            assert status == 202
+    finally:
+        foreman.stop()
+    step = max(1, total // 4)
+    return {f"mean_ms_with_{i}_to_{i + step}_queued": statistics.mean(latencies[i:i + step])
+            for i in range(0, total, step)}
 
 
 def handoff_gap(jobs: int) -> dict[str, Any]:
@@ -112,6 +134,7 @@ def main() -> None:
     results = {
         "machine": machine(),
         "submit": submit_rate(scale[0], 4),
+        "submit_at_depth": submit_at_depth(scale[0]),
         "handoff": handoff_gap(scale[1]),
         "claim": claim_latency(scale[2], scale[3], scale[4]),
     }
