@@ -80,6 +80,7 @@ class _NewestIdleFirst:
 
 
 def warm_thread_dispatcher(threads: int) -> ThreadedTaskDispatcher:
+    """waitress's own dispatcher and threads, with the newest-idle-first wake-up."""
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.queue_cv = _NewestIdleFirst(dispatcher.lock)
     dispatcher.set_thread_count(threads)
