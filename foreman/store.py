@@ -67,6 +67,11 @@ class StoreCorrupt(Exception):
     """The job database file exists but is not a usable SQLite database."""
 
 
+def _model_of(request: dict[str, Any]) -> str:
+    """The model a job's request names, as the `model` column stores it."""
+    return str(request.get("model", ""))
+
+
 @dataclass
 class Job:
     id: str
@@ -86,7 +91,7 @@ class Job:
 
     @property
     def model(self) -> str:
-        return str(self.request.get("model", ""))
+        return _model_of(self.request)
 
     @property
     def finished(self) -> bool:
@@ -136,7 +141,7 @@ def _add_model_column(db: sqlite3.Connection) -> None:
     db.execute("BEGIN IMMEDIATE")
     db.execute("ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT ''")
     db.executemany("UPDATE jobs SET model = ? WHERE seq = ?", (
-        (str(json.loads(row["request"]).get("model", "")), row["seq"])
+        (_model_of(json.loads(row["request"])), row["seq"])
         for row in db.execute("SELECT seq, request FROM jobs").fetchall()))
     db.execute("COMMIT")
 
@@ -231,7 +236,7 @@ class JobStore:
                 "INSERT INTO jobs (id, kind, model, status, priority, request, webhook,"
                 " idempotency_key, fingerprint, created_at)"
                 " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (job_id, kind, str(request.get("model", "")), priority, json.dumps(request),
+                (job_id, kind, _model_of(request), priority, json.dumps(request),
                  webhook, idempotency_key, print_, self._clock()),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
