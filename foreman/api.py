@@ -29,7 +29,7 @@ from .errors import ApiError, TargetUnreachable, json_response
 from .inventory import Inventory, Snapshot, canonical_model_name
 from .metrics import Metrics
 from .relay import WSGIApp, relay
-from .slot import ChatSlot, WaitCancelled, Work
+from .slot import ChatSlot, Work
 from .target import AbortSignal, TargetClient
 from .watch import ClientWatcher
 
@@ -182,7 +182,7 @@ class OllamaApi:
         gone = client_gone_check(request)
         try:
             with self._watcher.watch(
-                gone, lambda: ticket.cancel(WaitCancelled("client went away", CLIENT_GONE))
+                gone, lambda: ticket.cancel("client went away", CLIENT_GONE)
             ):
                 lease = ticket.wait(self._max_wait)
         finally:

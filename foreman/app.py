@@ -123,7 +123,7 @@ class ForemanApp:
         return _Finished(body, done)
 
     def _dispatch(self, environ: dict[str, Any]) -> Callable[..., Iterable[bytes]]:
-        request = Request(environ)
+        request = Request(environ, populate_request=False)  # no request<->environ cycle
         request.max_content_length = self._max_body
         openai = request.path.startswith("/v1/")
         try:
@@ -132,14 +132,16 @@ class ForemanApp:
                     raise NotFound()
                 rule, values = self._map.bind_to_environ(environ).match(return_rule=True)
             except (HTTPException, RequestRedirect) as exc:
-                endpoint, values, routing_error = None, {}, exc
+                # The answer, not the exception: a caught exception kept in a local
+                # is a cycle through its traceback and this frame.
+                endpoint, values, no_route = None, {}, _routing_failure(exc, request)
             else:
-                endpoint, routing_error = rule.endpoint, None
+                endpoint, no_route = rule.endpoint, None
                 environ["foreman.info"].route = rule.rule
             if endpoint not in self._public:
                 self._authenticate(request)
-            if routing_error is not None:
-                raise _routing_failure(routing_error, request)
+            if no_route is not None:
+                return error_response(no_route, openai)
             return endpoint(request, **values)
         except HTTPException as exc:
             code = exc.code or 500

@@ -75,7 +75,9 @@ class Ticket:
         self._event = threading.Event()
         self._enqueued = time.monotonic()
         self.lease: Lease | None = None
-        self.cancelled: ApiError | None = None
+        # Why and with which status it was taken out of line.  Data, not the
+        # exception: one raised from here would hold this ticket in its traceback.
+        self.cancelled: tuple[str, int] | None = None
 
     def __lt__(self, other: Ticket) -> bool:
         return self.key < other.key
@@ -92,9 +94,9 @@ class Ticket:
         self._event.wait(timeout)
         return self._slot._settle(self, time.monotonic() - self._enqueued)
 
-    def cancel(self, error: ApiError) -> None:
-        """Take this ticket out of line; its `wait` raises `error`."""
-        self._slot._cancel(self, error)
+    def cancel(self, reason: str, status: int = 503) -> None:
+        """Take this ticket out of line; its `wait` raises WaitCancelled(reason, status)."""
+        self._slot._cancel(self, (reason, status))
 
 
 class ChatSlot:
@@ -136,7 +138,7 @@ class ChatSlot:
             line, self._line = self._line, []
             self._lock.notify_all()
         for ticket in line:
-            ticket.cancelled = WaitCancelled(reason)
+            ticket.cancelled = (reason, 503)
             ticket._event.set()
 
     def wait_for(self, predicate: Callable[[ChatSlot], bool], timeout: float) -> bool:
@@ -173,14 +175,14 @@ class ChatSlot:
                 self._line.remove(ticket)
                 self._lock.notify_all()
                 raise WaitTimeout(waited)
-        raise ticket.cancelled
+        raise WaitCancelled(*ticket.cancelled)
 
-    def _cancel(self, ticket: Ticket, error: ApiError) -> None:
+    def _cancel(self, ticket: Ticket, why: tuple[str, int]) -> None:
         with self._lock:
             if ticket.lease is not None or ticket.cancelled is not None:
                 return
             self._line.remove(ticket)
-            ticket.cancelled = error
+            ticket.cancelled = why
             self._lock.notify_all()
         ticket._event.set()
 

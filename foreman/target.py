@@ -18,6 +18,8 @@ import contextlib
 import json
 import socket
 import threading
+import traceback
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,26 +44,28 @@ class AbortSignal:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._conn: Any = None
+        # Weakly: urllib3 drops a connection that failed without handing it back
+        # to the pool, and a strong link both ways would then be a cycle.
+        self._conn: weakref.ref[Any] | None = None
         self.aborted = False
 
     def abort(self) -> None:
         """Idempotent; call again if it may have raced a connection being opened."""
         with self._lock:
             self.aborted = True
-            sock = getattr(self._conn, "sock", None)
+            sock = getattr(self._conn and self._conn(), "sock", None)
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
 
     def _attach(self, conn: Any) -> None:
         with self._lock:
-            self._conn = conn
+            self._conn = weakref.ref(conn)
             conn.foreman_abort_signal = self
 
     def _detach(self, conn: Any) -> None:
         with self._lock:
-            if self._conn is conn:
+            if self._conn is not None and self._conn() is conn:
                 self._conn = None
 
 
@@ -121,7 +125,7 @@ class Upstream:
                     if line:
                         yield line
         except _TRANSPORT_ERRORS as exc:
-            raise self._unreachable(exc) from None
+            raise self._lost(exc) from None
         if pending.strip():
             raise TargetUnreachable("the stream from ollama ended in the middle of a line")
 
@@ -130,21 +134,20 @@ class Upstream:
         try:
             yield from self._response.iter_content(chunk_size=None)
         except _TRANSPORT_ERRORS as exc:
-            raise self._unreachable(exc) from None
+            raise self._lost(exc) from None
 
     def read(self) -> bytes:
         try:
             return self._response.content
         except _TRANSPORT_ERRORS as exc:
-            raise self._unreachable(exc) from None
+            raise self._lost(exc) from None
 
     def close(self) -> None:
         self._response.close()
 
-    def _unreachable(self, exc: BaseException) -> TargetUnreachable:
-        if self._abort is not None and self._abort.aborted:
-            return TargetUnreachable("request aborted")
-        return TargetUnreachable(f"connection to ollama lost mid-response ({type(exc).__name__})")
+    def _lost(self, exc: BaseException) -> TargetUnreachable:
+        return _unreachable(exc, self._abort,
+                            f"connection to ollama lost mid-response ({type(exc).__name__})")
 
 
 class TargetClient:
@@ -198,9 +201,7 @@ class TargetClient:
         try:
             response = self._adapter.send(prepared, stream=True, timeout=self._timeout)
         except _TRANSPORT_ERRORS as exc:
-            if abort is not None and abort.aborted:
-                raise TargetUnreachable("request aborted") from None
-            raise TargetUnreachable(_describe(exc, self.display_url)) from None
+            raise _unreachable(exc, abort, _describe(exc, self.display_url)) from None
         finally:
             self._requesting.signal = None
         return Upstream(response, abort)
@@ -234,6 +235,27 @@ class TargetClient:
 
     def close(self) -> None:
         self._adapter.close()
+
+
+def _unreachable(exc: BaseException, abort: AbortSignal | None, description: str
+                 ) -> TargetUnreachable:
+    """foreman's error for a transport failure, with the failure's frames let go of.
+
+    urllib3 keeps exceptions in locals of the frames they pass through, a cycle
+    for each failure, and a frame holds its caller's frame: until the cycle
+    collector ran, the failed request (its body, its environ) would live on too.
+    """
+    chain: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while chain:
+        link = chain.pop()
+        if link is not None and id(link) not in seen:
+            seen.add(id(link))
+            traceback.clear_frames(link.__traceback__)  # the running frames are skipped
+            chain += (link.__cause__, link.__context__)
+    if abort is not None and abort.aborted:
+        return TargetUnreachable("request aborted")
+    return TargetUnreachable(description)
 
 
 def _describe(exc: BaseException, url: str) -> str:
