@@ -64,6 +64,9 @@ class ReadAtScrape:
     read: Callable[[], Iterable[tuple[Labels, float]]]
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"})
+
+
 class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -78,6 +81,9 @@ class Metrics:
         self._read_at_scrape.append(ReadAtScrape(name, kind, help, read))
 
     def count_request(self, route: str, method: str, status: str) -> None:
+        # The method is whatever token the client sent, before any auth: one
+        # series per spelling would let anyone grow this table without end.
+        method = method if method in _METHODS else "other"
         key = (("route", route), ("method", method), ("status", status))
         with self._lock:
             self._requests[key] = self._requests.get(key, 0) + 1

@@ -16,6 +16,7 @@ from foreman.daemon import Daemon
 from foreman.logs import configure_logging
 from tests.browser import rendered_dom
 from tests.fake_ollama import FakeOllama, Fault
+from tests.http_raw import raw_request
 from tests.test_http import LogStream
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
@@ -123,6 +124,20 @@ def test_metrics_parse_and_count_what_happened(make_foreman: Callable[..., Daemo
     after = metric_samples(requests.get(daemon.url + "/metrics", headers=AUTH, timeout=5).text)
     assert after[("foreman_target_up", ())] == 0
     assert after[("foreman_target_poll_failures_total", ())] >= 1
+
+
+def test_any_number_of_made_up_methods_is_one_metric_series(
+        make_foreman: Callable[..., Daemon]) -> None:
+    daemon = make_foreman(token="t0k", metrics={"public": True})
+    for i in range(50):
+        assert raw_request(daemon.url, f"X{i}", "/api/tags").status == 401
+    assert raw_request(daemon.url, "PUT", "/api/tags").status == 401
+    samples = metric_samples(requests.get(daemon.url + "/metrics", timeout=5).text)
+    methods = {dict(labels)["method"] for name, labels in samples
+               if name == "foreman_requests_total"}
+    assert methods == {"other", "PUT"}
+    assert sum(n for (name, labels), n in samples.items()
+               if name == "foreman_requests_total" and ("method", "other") in labels) == 50
 
 
 def test_metrics_can_be_public(make_foreman: Callable[..., Daemon]) -> None:
