@@ -1,5 +1,6 @@
 """The job queue: durable submits per second over HTTP, the gap between one job
-finishing and the next reaching the target, and claim latency in a large database.
+finishing and the next reaching the target, claim latency in a large database, and
+reading back jobs whose results are real-sized embeddings.
 
 Run: `python -m bench.bench_jobs [--quick]`.
 """
@@ -18,7 +19,7 @@ from typing import Any
 
 import requests
 
-from bench.common import KeepAlive, machine, start_fake, start_foreman, summary
+from bench.common import KeepAlive, machine, proc_status, start_fake, start_foreman, summary
 from foreman.store import JobStore
 
 
@@ -120,9 +121,39 @@ def claim_latency(finished: int, queued: int, claims: int) -> dict[str, Any]:
         job = store.claim(("chat", "generate"))
         times.append((time.perf_counter() - started) * 1000)
         assert job is not None
-        store.finish(job, "succeeded", {"ok": True})
+        store.finish(job, "succeeded", '{"ok": true}')
     store.close()
     return {"finished_rows": finished, "queued_rows": queued, "claim_ms": summary(times)}
+
+
+def big_results(jobs: int, dims: int, reads: int) -> dict[str, Any]:
+    """Embedding jobs of real size (8 inputs of `dims` numbers each), read back one at
+    a time and as one page of all of them: time per read, and foreman's RSS."""
+    fake = start_fake()
+    foreman = start_foreman(fake.url, "")
+    session = requests.Session()
+    try:
+        ids = [session.post(foreman.url + "/jobs", timeout=10, json={"kind": "embed", "request": {
+            "model": "nomic-embed-text", "input": [f"text {i} {k}" for k in range(8)],
+            "options": {"fake_dims": dims}}}).json()["id"] for i in range(jobs)]
+        for job_id in ids:
+            assert session.get(f"{foreman.url}/jobs/{job_id}?wait=30",
+                               timeout=40).json()["status"] == "succeeded"
+        rss_before = int(proc_status(foreman.pid)["VmRSS"].split()[0]) / 1024
+        timings: dict[str, list[float]] = {"one": [], "page": []}
+        page = b""
+        for i in range(reads):
+            for name, path in (("one", f"/jobs/{ids[i % jobs]}"), ("page", f"/jobs?limit={jobs}")):
+                started = time.perf_counter()
+                page = session.get(foreman.url + path, timeout=60).content
+                timings[name].append((time.perf_counter() - started) * 1000)
+        rss_after = int(proc_status(foreman.pid)["VmRSS"].split()[0]) / 1024
+    finally:
+        foreman.stop()
+        fake.stop()
+    return {"jobs": jobs, "numbers_per_job": 8 * dims, "page_mb": round(len(page) / 1e6, 2),
+            "one_job_ms": summary(timings["one"]), "page_ms": summary(timings["page"]),
+            "rss_mb_before_reads": round(rss_before, 1), "rss_mb_after_reads": round(rss_after, 1)}
 
 
 def main() -> None:
@@ -137,6 +168,7 @@ def main() -> None:
         "submit_at_depth": submit_at_depth(scale[0]),
         "handoff": handoff_gap(scale[1]),
         "claim": claim_latency(scale[2], scale[3], scale[4]),
+        "big_results": big_results(50, 1536, scale[1] // 2),
     }
     text = json.dumps(results, indent=2)
     print(text)

@@ -30,17 +30,19 @@ MAX_LIST_LIMIT = 500
 
 
 def render_job(job: Job, position: int | None = None, partial: str | None = None,
-               estimated_start: str | None = None) -> dict[str, Any]:
-    document = {
+               estimated_start: str | None = None) -> bytes:
+    """A job's JSON document; its stored request and result go in as they are."""
+    document: dict[str, Any] = {
         "id": job.id, "kind": job.kind, "status": job.status, "priority": job.priority,
         "created_at": iso(job.created_at), "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at), "attempts": job.attempts,
-        "request": job.request, "result": job.result, "error": job.error,
+        "finished_at": iso(job.finished_at), "attempts": job.attempts, "error": job.error,
         "position": position, "estimated_start": estimated_start,
     }
     if partial is not None:
         document["partial"] = partial
-    return document
+    head = json.dumps(document)[:-1]  # without its closing brace
+    return (f'{head}, "request": {job.request_json}, "result": {job.result_json or "null"}}}'
+            .encode())
 
 
 def _is_http_url(value: str) -> bool:
@@ -72,7 +74,7 @@ class JobsApi:
                 for entry in self._queue.snapshot()["waiting"] if "job_id" in entry}
 
     def document(self, job: Job, line: dict[str, tuple[int, str | None]] | None = None
-                 ) -> dict[str, Any]:
+                 ) -> bytes:
         position, estimated = None, None
         if job.status == "queued":
             if job.kind in GENERATION_KINDS:
@@ -81,10 +83,6 @@ class JobsApi:
             else:
                 position = self._store.position(job)
         return render_job(job, position, self._worker.progress(job.id), estimated)
-
-    def _answer(self, status: int, payload: Any, headers: dict[str, str] | None = None
-                ) -> WSGIApp:
-        return json_response(status, json.dumps(payload).encode(), headers)
 
     def submit(self, request: Request) -> WSGIApp:
         _, body = read_json_object(request)
@@ -108,7 +106,7 @@ class JobsApi:
             raise ApiError(404, f"model '{model}' not found")
         job, created = self._store.submit(kind, job_request, priority, webhook, key)
         location = {"Location": f"/jobs/{job.id}"}
-        return self._answer(202 if created else 200, self.document(job), location)
+        return json_response(202 if created else 200, self.document(job), location)
 
     def show(self, request: Request, job_id: str) -> WSGIApp:
         wait = _wait_seconds(request.args.get("wait"))
@@ -120,7 +118,7 @@ class JobsApi:
                 job = self._hold(job, wait, client_gone_check(request))
             finally:
                 self._long_polls.release()
-        return self._answer(200, self.document(job))
+        return json_response(200, self.document(job))
 
     def _hold(self, job: Job, wait: float, gone: Any) -> Job:
         deadline = time.monotonic() + wait
@@ -148,8 +146,9 @@ class JobsApi:
             raise ApiError(400, "invalid cursor")
         jobs, cursor = self._store.list(status, kind, limit, int(after) if after else None)
         line = self._line() if any(j.status == "queued" for j in jobs) else {}
-        return self._answer(200, {"jobs": [self.document(j, line) for j in jobs],
-                                  "next": None if cursor is None else str(cursor)})
+        documents = b", ".join(self.document(j, line) for j in jobs)
+        after_this = json.dumps(None if cursor is None else str(cursor)).encode()
+        return json_response(200, b'{"jobs": [' + documents + b'], "next": ' + after_this + b"}")
 
     def cancel(self, request: Request, job_id: str) -> WSGIApp:
         job, was = self._store.cancel(job_id)
@@ -160,7 +159,7 @@ class JobsApi:
         if was == "running":
             self._worker.abort(job_id)
         self._notify(job)
-        return self._answer(200, self.document(job))
+        return json_response(200, self.document(job))
 
     def delete(self, request: Request, job_id: str) -> WSGIApp:
         outcome = self._store.delete(job_id)
@@ -168,7 +167,7 @@ class JobsApi:
             raise ApiError(404, f"job {job_id} not found")
         if outcome == "unfinished":
             raise ApiError(409, f"job {job_id} has not finished; cancel it first")
-        return self._answer(200, {"id": job_id, "deleted": True})
+        return json_response(200, json.dumps({"id": job_id, "deleted": True}).encode())
 
 
 def _integer(text: str | None, name: str, default: int) -> int:

@@ -74,24 +74,30 @@ def _model_of(request: dict[str, Any]) -> str:
 
 @dataclass
 class Job:
+    """A job as stored.  Its request and result stay JSON text: a document or a
+    webhook splices them in as they are, so an embedding's thousands of numbers
+    are never parsed and encoded again for each reader."""
+
     id: str
     seq: int
     kind: str
+    model: str
     status: str
     priority: int
-    request: dict[str, Any]
+    request_json: str
     webhook: str | None
     created_at: float
     started_at: float | None
     finished_at: float | None
     not_before: float
     attempts: int
-    result: Any
+    result_json: str | None
     error: str | None
 
     @property
-    def model(self) -> str:
-        return _model_of(self.request)
+    def request(self) -> dict[str, Any]:
+        parsed: dict[str, Any] = json.loads(self.request_json)
+        return parsed
 
     @property
     def finished(self) -> bool:
@@ -100,12 +106,11 @@ class Job:
 
 def _job(row: sqlite3.Row) -> Job:
     return Job(
-        id=row["id"], seq=row["seq"], kind=row["kind"], status=row["status"],
-        priority=row["priority"], request=json.loads(row["request"]), webhook=row["webhook"],
-        created_at=row["created_at"], started_at=row["started_at"],
+        id=row["id"], seq=row["seq"], kind=row["kind"], model=row["model"],
+        status=row["status"], priority=row["priority"], request_json=row["request"],
+        webhook=row["webhook"], created_at=row["created_at"], started_at=row["started_at"],
         finished_at=row["finished_at"], not_before=row["not_before"],
-        attempts=row["attempts"], result=None if row["result"] is None else json.loads(
-            row["result"]), error=row["error"],
+        attempts=row["attempts"], result_json=row["result"], error=row["error"],
     )
 
 
@@ -322,8 +327,8 @@ class JobStore:
             claimed = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return _job(claimed)
 
-    def finish(self, job: Job, status: str, result: Any = None, error: str | None = None
-               ) -> Job | None:
+    def finish(self, job: Job, status: str, result_json: str | None = None,
+               error: str | None = None) -> Job | None:
         """running -> a final state, if this attempt still owns the job: returns the
         job as finished, or None if a cancel or a newer attempt got there first."""
         finished_at = self._clock()
@@ -331,12 +336,12 @@ class JobStore:
             changed = db.execute(
                 "UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ?"
                 " WHERE id = ? AND status = 'running' AND attempts = ?",
-                (status, None if result is None else json.dumps(result), error, finished_at,
-                 job.id, job.attempts),
+                (status, result_json, error, finished_at, job.id, job.attempts),
             ).rowcount
         if changed != 1:
             return None
-        return replace(job, status=status, result=result, error=error, finished_at=finished_at)
+        return replace(job, status=status, result_json=result_json, error=error,
+                       finished_at=finished_at)
 
     def requeue(self, job: Job, delay: float, spend_attempt: bool, error: str | None) -> bool:
         """running -> queued after `delay` seconds; a target outage does not spend an attempt."""

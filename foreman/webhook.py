@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import requests
 
@@ -25,7 +23,7 @@ log = logging.getLogger("foreman.webhook")
 
 
 class WebhookNotifier:
-    def __init__(self, render: Callable[[Job], dict[str, Any]], attempts: int = 5,
+    def __init__(self, render: Callable[[Job], bytes], attempts: int = 5,
                  first_delay: float = 1.0, timeout: float = 10.0) -> None:
         self._render, self._attempts = render, attempts
         self._first_delay, self._timeout = first_delay, timeout
@@ -47,8 +45,7 @@ class WebhookNotifier:
     def notify(self, job: Job) -> None:
         if not job.webhook:
             return
-        body = json.dumps(self._render(job)).encode()
-        self._push(time.monotonic(), 1, job.webhook, body)
+        self._push(time.monotonic(), 1, job.webhook, self._render(job))
 
     def _push(self, due: float, attempt: int, url: str, body: bytes) -> None:
         with self._cond:

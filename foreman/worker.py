@@ -14,6 +14,7 @@ request aborted.  Finished jobs go to the webhook notifier.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -195,7 +196,8 @@ class JobWorker:
             self._running[job.id] = item
         started = time.monotonic()
         try:
-            result = self._generate(item) if job.kind in GENERATION_KINDS else self._embed(item)
+            result_json = (self._generate(item) if job.kind in GENERATION_KINDS
+                           else self._embed(item))
         except TargetHTTPError as exc:
             self._failed_attempt(job, exc)
         except TargetUnreachable as exc:
@@ -205,7 +207,7 @@ class JobWorker:
             log.info("job %s waits for the target: %s", job.id, exc)
             self._store.requeue(job, OUTAGE_RETRY_SECONDS, spend_attempt=False, error=str(exc))
         else:
-            self._settle(job, "succeeded", result=result)
+            self._settle(job, "succeeded", result_json=result_json)
         finally:
             self._metrics.observe_job_run(time.monotonic() - started)
             self._metrics.add_chunks(len(item.pieces))
@@ -222,14 +224,14 @@ class JobWorker:
             self._store.requeue(job, retry_delay(job.attempts), spend_attempt=True,
                                 error=exc.message)
 
-    def _settle(self, job: Job, status: str, result: Any = None, error: str | None = None
-                ) -> None:
+    def _settle(self, job: Job, status: str, result_json: str | None = None,
+                error: str | None = None) -> None:
         """Record the outcome, retrying while the store cannot be written: the result
         exists only in memory, and a job left `running` would wait for a restart."""
         delay = OUTAGE_RETRY_SECONDS
         while True:
             try:
-                finished = self._store.finish(job, status, result, error)
+                finished = self._store.finish(job, status, result_json, error)
                 if finished is not None:
                     self._notify(finished)
                 return
@@ -239,12 +241,15 @@ class JobWorker:
                     return  # left running: recovered as an orphan at the next start
                 delay = min(30.0, delay * 2)
 
-    def _embed(self, item: Running) -> Any:
-        _, result = self._client.call("POST", "/api/embed", item.job.request,
-                                      abort=item.abort)
-        return result
+    def _embed(self, item: Running) -> str:
+        raw, answer = self._client.call("POST", "/api/embed", item.job.request,
+                                        abort=item.abort)
+        if json.detect_encoding(raw) == "utf-8":
+            with contextlib.suppress(UnicodeDecodeError):  # an encoded lone surrogate
+                return raw.decode()  # kept as Ollama sent it: it parsed, so it is JSON
+        return json.dumps(answer)  # documents splice it, so it must be plain UTF-8 JSON
 
-    def _generate(self, item: Running) -> dict[str, Any]:
+    def _generate(self, item: Running) -> str:
         job = item.job
         body = json.dumps({**job.request, "stream": True}).encode()
         upstream = self._client.open("POST", f"/api/{job.kind}", body, "application/json",
@@ -265,7 +270,7 @@ class JobWorker:
                     final = chunk
             if final is None:
                 raise TargetUnreachable("the stream ended before its final message")
-            return assembled.result(final)
+            return json.dumps(assembled.result(final))
         finally:
             upstream.close()
 

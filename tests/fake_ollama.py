@@ -45,8 +45,8 @@ def model_entry(name: str, size: int = 4_000_000_000) -> dict[str, Any]:
 
 
 def embedding_for(text: str, dims: int = 8) -> list[float]:
-    digest = hashlib.sha256(text.encode()).digest()
-    return [round((b - 128) / 128, 6) for b in digest[:dims]]
+    digest = hashlib.shake_256(text.encode()).digest(dims)
+    return [round((b - 128) / 128, 6) for b in digest]
 
 
 @dataclass
@@ -87,6 +87,7 @@ class Knobs:
     first_token_delay: float
     embed_delay: float
     stamp: bool  # each token is the send time (time.monotonic()), to measure relay delay
+    dims: int = 8  # numbers per embedding
 
     def word(self, i: int) -> str:
         return f"{time.monotonic():.6f} " if self.stamp else f"tok{i} "
@@ -394,6 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
             float(options.get("fake_first_token_delay", fake.first_token_delay)),
             float(options.get("fake_embed_delay", fake.embed_delay)),
             bool(options.get("fake_stamp", False)),
+            int(options.get("fake_dims", 8)),
         )
 
     def _note_load(self, model: str, body: dict[str, Any]) -> None:
@@ -535,13 +537,13 @@ class _Handler(BaseHTTPRequestHandler):
             fake.cond.notify_all()
         try:
             self._note_load(model, body)
-            delay = self._knobs(body).embed_delay
-            if delay:
-                time.sleep(delay)
+            knobs = self._knobs(body)
+            if knobs.embed_delay:
+                time.sleep(knobs.embed_delay)
             inputs = body.get("input", body.get("prompt", ""))
             texts = [inputs] if isinstance(inputs, str) else list(inputs or [])
             texts = [t for t in texts if t]
-            vectors = [embedding_for(t) for t in texts]
+            vectors = [embedding_for(t, knobs.dims) for t in texts]
             if shape == "embed":
                 self._json(200, {"model": model, "embeddings": vectors, "total_duration": 1000,
                                  "load_duration": 10, "prompt_eval_count": len(texts)})

@@ -54,6 +54,36 @@ def test_generate_and_embed_jobs(foreman: Daemon) -> None:
     assert embedded["result"]["embeddings"] == [embedding_for("a"), embedding_for("b")]
 
 
+# Spellings json.dumps would change (1e-3 -> 0.001, 0.10 -> 0.1, é -> \u00e9).
+VERBATIM = '{"model": "nomic-embed-text", "embeddings": [[1e-3, 0.10, -2E+2]], "note": "é"}'
+
+
+def test_an_embed_result_is_served_as_ollama_sent_it(foreman: Daemon, fake: FakeOllama) -> None:
+    fake.fault("/api/embed", Fault("status", status=200, body=VERBATIM.encode()))
+    job_id = submit(foreman, "embed", {"model": "nomic-embed-text", "input": "x"}).json()["id"]
+    assert wait_job(foreman, job_id)["status"] == "succeeded"
+    shown = requests.get(f"{foreman.url}/jobs/{job_id}", timeout=5)
+    listed = requests.get(f"{foreman.url}/jobs?kind=embed", timeout=5)
+    for body in (shown.content, listed.content):
+        assert b'"result": ' + VERBATIM.encode() in body
+    assert shown.json()["result"] == json.loads(VERBATIM)
+    assert listed.json()["jobs"][0]["result"] == json.loads(VERBATIM)
+
+
+@pytest.mark.parametrize("body", [
+    '{"embeddings": [[0.5]]}'.encode("utf-16-le"),  # JSON may be UTF-16
+    b'\xef\xbb\xbf{"embeddings": [[0.5]], "note": "\xc3\xa9"}',  # or carry a BOM
+    b'{"embeddings": [[0.5]], "note": "\xed\xa0\x80"}',  # a lone surrogate, UTF-8 encoded
+], ids=["utf-16", "bom", "surrogate"])
+def test_an_embed_result_in_an_odd_encoding_is_stored_as_plain_json(
+        foreman: Daemon, fake: FakeOllama, body: bytes) -> None:
+    fake.fault("/api/embed", Fault("status", status=200, body=body))
+    job_id = submit(foreman, "embed", {"model": "nomic-embed-text", "input": "x"}).json()["id"]
+    done = wait_job(foreman, job_id)
+    assert done["status"] == "succeeded"
+    assert done["result"] == json.loads(body)
+
+
 def test_idempotent_replay_and_conflict(foreman: Daemon) -> None:
     key = {"Idempotency-Key": "order-42"}
     first = submit(foreman, "chat", CHAT, headers=key)

@@ -53,7 +53,7 @@ def test_transitions_are_compare_and_set(store: JobStore) -> None:
     assert job is not None
     cancelled, was = store.cancel(job.id)
     assert was == "running" and cancelled is not None and cancelled.status == "cancelled"
-    assert not store.finish(job, "succeeded", result={"x": 1})  # lost the race: no overwrite
+    assert not store.finish(job, "succeeded", '{"x": 1}')  # lost the race: no overwrite
     assert store.get(job.id).status == "cancelled"
 
 
@@ -61,8 +61,9 @@ def test_finish_returns_the_job_exactly_as_stored(store: JobStore) -> None:
     store.submit("embed", {"model": "m", "input": "x"}, webhook="http://127.0.0.1:9/hook")
     job = store.claim(("embed",))
     assert job is not None
-    finished = store.finish(job, "succeeded", result={"embeddings": [[0.5, -1.25e-3]]})
+    finished = store.finish(job, "succeeded", '{"embeddings": [[0.5, -1.25e-3]]}')
     assert finished is not None and finished.status == "succeeded"
+    assert finished.result_json == '{"embeddings": [[0.5, -1.25e-3]]}'  # the text, as given
     assert finished == store.get(job.id)  # what the notifier gets without reading it back
 
 
@@ -122,7 +123,7 @@ def test_list_is_newest_first_with_a_cursor(store: JobStore) -> None:
 def test_prune_removes_only_old_finished_jobs(store: JobStore, clock: Clock) -> None:
     store.submit("chat", {"model": "m"})
     job = store.claim(("chat",))
-    store.finish(job, "succeeded", result={})
+    store.finish(job, "succeeded", "{}")
     waiting, _ = store.submit("chat", {"model": "m"})
     clock.now += 3600
     assert store.prune(older_than=7200) == 0
