@@ -2,10 +2,12 @@
 
 Streams, clients that hang up mid-stream, embeddings and async jobs run for
 the whole time; the fake Ollama is killed and restarted on the same port
-every `--restart-every` seconds.  foreman's RSS, open file descriptors and
-threads are sampled throughout.  At the end every job must have succeeded,
-every failed request must fall inside a target restart, and the resource
-samples of the last fifth must match the first fifth (after warm-up).
+every `--restart-every` seconds.  foreman's RSS, open file descriptors,
+threads and job backlog are sampled throughout.  At the end every job must
+have succeeded, every failed request must fall inside a target restart, and
+the samples of the last fifth must match the first fifth (after warm-up).
+The load is steady: the backlog of queued jobs must not grow, or memory would
+grow with it for a reason that is no leak.
 
 Run: `python -m bench.soak --minutes 10` (CI runs `--seconds 20`).  Exit status
 0 means every check passed; the JSON report goes to stdout.
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import re
 import socket
 import statistics
 import sys
@@ -30,6 +33,8 @@ import requests
 
 from bench.common import Child, KeepAlive, proc_status, start_foreman
 from tests.http_raw import ChunkReader
+
+THINK_SECONDS = 1.0
 
 
 def free_port() -> int:
@@ -95,7 +100,8 @@ class Soak:
                 self.outcomes[f"{kind}: UNEXPLAINED"] += 1
                 self.unexplained.append(f"{kind}: {detail}")
 
-    def loop(self, kind: str, action: Any) -> None:
+    def loop(self, kind: str, action: Any, think: float = 0.0) -> None:
+        """Run `action` until the soak ends, pausing `think` seconds after each."""
         while not self.stop.is_set():
             started = time.monotonic()
             try:
@@ -105,6 +111,8 @@ class Soak:
             self.record(kind, ok, started, detail)
             if not ok:
                 self.stop.wait(0.1)  # a client backs off a little, as real ones do
+            if think:
+                self.stop.wait(think)
 
     def _chat(self, options: dict[str, Any],
               read: Callable[[ChunkReader], tuple[bool, str]]) -> tuple[bool, str]:
@@ -157,7 +165,15 @@ class Soak:
                 "t": time.monotonic(), "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
                 "threads": int(status["Threads"]),
                 "fds": len(os.listdir(f"/proc/{self.foreman.pid}/fd")),
+                "jobs_queued": self.jobs_queued(),
             })
+
+    def jobs_queued(self) -> float:
+        """From /metrics: a backlog that only grows would make every check below moot,
+        since each submit's work (its place in line) grows with the line."""
+        metrics = requests.get(self.foreman.url + "/metrics", timeout=10).text
+        found = re.search(r'^foreman_jobs\{status="queued"\} (\S+)$', metrics, re.M)
+        return float(found.group(1)) if found else 0.0
 
     def restarts(self) -> None:
         while not self.stop.wait(self.restart_every):
@@ -165,10 +181,13 @@ class Soak:
 
     def run(self) -> dict[str, Any]:
         embed_clients = [KeepAlive(self.foreman.url) for _ in range(2)]
+        # The chat clients pause between turns, as people and agents do; without
+        # pauses they hold the chat slot all the time, and chat jobs (the lower tier)
+        # would queue up for the whole run.
         threads = [
-            threading.Thread(target=self.loop, args=("stream", self.stream)),
-            threading.Thread(target=self.loop, args=("stream", self.stream)),
-            threading.Thread(target=self.loop, args=("hang-up", self.hang_up)),
+            threading.Thread(target=self.loop, args=("stream", self.stream, THINK_SECONDS)),
+            threading.Thread(target=self.loop, args=("stream", self.stream, THINK_SECONDS)),
+            threading.Thread(target=self.loop, args=("hang-up", self.hang_up, THINK_SECONDS)),
             *(threading.Thread(target=self.loop, args=("embed", lambda c=c: self.embed(c)))
               for c in embed_clients),
             *([threading.Thread(target=self.loop, args=("job submit", self.submit))]
@@ -220,7 +239,7 @@ class Soak:
         summary: dict[str, Any] = {"samples": len(self.samples)}
         step = max(1, len(self.samples) // 10)
         summary["rss_mb_every_tenth"] = [round(s["rss_mb"], 1) for s in self.samples[::step]]
-        for key in ("rss_mb", "threads", "fds"):
+        for key in ("rss_mb", "threads", "fds", "jobs_queued"):
             summary[key] = {
                 "first_fifth_median": statistics.median(s[key] for s in first),
                 "last_fifth_median": statistics.median(s[key] for s in last),
@@ -244,6 +263,7 @@ class Soak:
             "rss flat (within 5 MB)": flat("rss_mb", 5.0),
             "threads flat (within 5)": flat("threads", 5),
             "file descriptors flat (within 10)": flat("fds", 10),
+            "job backlog steady (within 20)": flat("jobs_queued", 20),
         }
 
     def close(self) -> None:
