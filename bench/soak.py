@@ -5,7 +5,8 @@ the whole time; the fake Ollama is killed and restarted on the same port
 every `--restart-every` seconds.  foreman's RSS, open file descriptors,
 threads and job backlog are sampled throughout.  At the end every job must
 have succeeded, every failed request must fall inside a target restart, and
-the samples of the last fifth must match the first fifth (after warm-up).
+the samples of the last fifth must match the first fifth (after a warm-up: a
+tenth of the run, or `--warm-up-minutes`).
 The load is steady: the backlog of queued jobs must not grow, or memory would
 grow with it for a reason that is no leak.
 
@@ -78,8 +79,12 @@ class Target:
 
 
 class Soak:
-    def __init__(self, seconds: float, restart_every: float, jobs: bool = True) -> None:
+    def __init__(self, seconds: float, restart_every: float, jobs: bool = True,
+                 warm_up: float | None = None) -> None:
+        """`warm_up`: seconds left out of the resource checks (default: a tenth)."""
         self.seconds, self.restart_every, self.with_jobs = seconds, restart_every, jobs
+        self.warm_up = seconds / 10 if warm_up is None else warm_up
+        self.started = time.monotonic()
         self.target = Target()
         self.foreman = start_foreman(self.target.url, "inventory:\n  poll_interval: 1s\n",
                                      "  connect_timeout: 1s\n  read_timeout: 30s\n")
@@ -195,7 +200,7 @@ class Soak:
             threading.Thread(target=self.sample),
             threading.Thread(target=self.restarts),
         ]
-        started = time.monotonic()
+        self.started = started = time.monotonic()
         for thread in threads:
             thread.start()
         self.stop.wait(self.seconds)
@@ -233,10 +238,10 @@ class Soak:
         return statuses
 
     def resource_summary(self) -> dict[str, Any]:
-        usable = self.samples[len(self.samples) // 10:]  # skip warm-up
+        usable = [s for s in self.samples if s["t"] - self.started >= self.warm_up]
         fifth = max(1, len(usable) // 5)
         first, last = usable[:fifth], usable[-fifth:]
-        summary: dict[str, Any] = {"samples": len(self.samples)}
+        summary: dict[str, Any] = {"samples": len(self.samples), "warm_up_seconds": self.warm_up}
         step = max(1, len(self.samples) // 10)
         summary["rss_mb_every_tenth"] = [round(s["rss_mb"], 1) for s in self.samples[::step]]
         for key in ("rss_mb", "threads", "fds", "jobs_queued"):
@@ -279,9 +284,14 @@ def main() -> int:
     parser.add_argument("--restart-every", type=float, default=30.0,
                         help="seconds between target restarts")
     parser.add_argument("--no-jobs", action="store_true", help="leave async jobs out")
+    parser.add_argument("--warm-up-minutes", type=float,
+                        help="left out of the resource checks (default: a tenth of the run)")
     args = parser.parse_args()
     seconds = args.seconds or (args.minutes or 10) * 60
-    soak = Soak(seconds, args.restart_every, jobs=not args.no_jobs)
+    warm_up = None if args.warm_up_minutes is None else args.warm_up_minutes * 60
+    if warm_up is not None and not 0 <= warm_up < seconds:
+        parser.error("the warm-up must be shorter than the run")
+    soak = Soak(seconds, args.restart_every, jobs=not args.no_jobs, warm_up=warm_up)
     try:
         report = soak.run()
     finally:
