@@ -97,21 +97,23 @@ class ForemanApp:
             return start_response(status, headers, exc_info)
 
         def done() -> None:
-            with self._idle:
-                self._active -= 1
-                self._idle.notify_all()
-            self._metrics.count_request(info.route, environ.get("REQUEST_METHOD", ""),
-                                        status_seen[0])
-            access_log.info(
-                "%s %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
-                status_seen[0],
-                extra={"fields": {
-                    "ms": round((time.monotonic() - started) * 1000, 1),
-                    "model": info.model or None,
-                    "wait_ms": info.waited_ms,
-                    "id": info.request_id,
-                }},
-            )
+            try:
+                self._metrics.count_request(info.route, environ.get("REQUEST_METHOD", ""),
+                                            status_seen[0])
+                access_log.info(
+                    "%s %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"),
+                    status_seen[0],
+                    extra={"fields": {
+                        "ms": round((time.monotonic() - started) * 1000, 1),
+                        "model": info.model or None,
+                        "wait_ms": info.waited_ms,
+                        "id": info.request_id,
+                    }},
+                )
+            finally:  # idle means every request is counted and logged too
+                with self._idle:
+                    self._active -= 1
+                    self._idle.notify_all()
 
         with self._idle:
             self._active += 1

@@ -106,6 +106,7 @@ def test_metrics_parse_and_count_what_happened(make_foreman: Callable[..., Daemo
     job = requests.post(daemon.url + "/jobs", json={"kind": "chat", "request": CHAT},
                         headers=AUTH, timeout=5).json()["id"]
     requests.get(f"{daemon.url}/jobs/{job}?wait=20", headers=AUTH, timeout=30)
+    assert daemon.app.wait_idle(5)  # a request is counted just after its answer
     scrape = requests.get(daemon.url + "/metrics", headers=AUTH, timeout=5)
     assert scrape.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     samples = metric_samples(scrape.text)
@@ -132,6 +133,7 @@ def test_any_number_of_made_up_methods_is_one_metric_series(
     for i in range(50):
         assert raw_request(daemon.url, f"X{i}", "/api/tags").status == 401
     assert raw_request(daemon.url, "PUT", "/api/tags").status == 401
+    assert daemon.app.wait_idle(5)
     samples = metric_samples(requests.get(daemon.url + "/metrics", timeout=5).text)
     methods = {dict(labels)["method"] for name, labels in samples
                if name == "foreman_requests_total"}

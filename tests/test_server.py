@@ -18,6 +18,7 @@ def test_sequential_requests_reuse_the_newest_idle_thread(
     with caplog.at_level(logging.INFO, logger="foreman.access"), requests.Session() as client:
         for _ in range(40):
             assert client.get(foreman.url + "/healthz", timeout=5).status_code == 200
+        assert foreman.app.wait_idle(5)  # the last access line follows its answer
     served_by = {r.threadName for r in caplog.records if r.name == "foreman.access"}
     assert len([r for r in caplog.records if r.name == "foreman.access"]) == 40
     # One thread, or two when the next request arrives while the last thread is
