@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import sys
 import types
 from collections import Counter
 from collections.abc import Callable
@@ -137,7 +138,17 @@ REQUESTS: dict[str, Callable[[Daemon, FakeOllama], None]] = {
 }
 
 
-@pytest.mark.parametrize("kind", REQUESTS)
+# A hung-up stream closes urllib3's read generator.  Python 3.10's contextlib then
+# keeps the GeneratorExit in a local of its own frame, which the exception's
+# traceback holds (3.11 gives the exception its old traceback back): a cycle in
+# the standard library, and through the frames' callers it holds the request.
+STDLIB_CYCLE_ON_310 = pytest.mark.xfail(
+    sys.version_info < (3, 11), strict=True, reason="contextlib's cycle on Python 3.10")
+HUNG_UP = ("client hangs up mid-stream", "client leaves while waiting")
+
+
+@pytest.mark.parametrize("kind", [pytest.param(kind, marks=STDLIB_CYCLE_ON_310)
+                                  if kind in HUNG_UP else kind for kind in REQUESTS])
 def test_a_request_leaves_no_reference_cycle(foreman: Daemon, fake: FakeOllama,
                                              caplog: pytest.LogCaptureFixture, kind: str) -> None:
     # pytest keeps every log record, and with it any exception logged, alive.
