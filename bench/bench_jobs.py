@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 
-from bench.common import KeepAlive, machine, proc_status, start_fake, start_foreman, summary
+from bench.common import KeepAlive, machine, proc_status, rss_mb, start_fake, start_foreman, summary
 from foreman.store import JobStore
 
 
@@ -139,7 +139,7 @@ def big_results(jobs: int, dims: int, reads: int) -> dict[str, Any]:
         for job_id in ids:
             assert session.get(f"{foreman.url}/jobs/{job_id}?wait=30",
                                timeout=40).json()["status"] == "succeeded"
-        rss_before = int(proc_status(foreman.pid)["VmRSS"].split()[0]) / 1024
+        rss_before = rss_mb(proc_status(foreman.pid))
         timings: dict[str, list[float]] = {"one": [], "page": []}
         page = b""
         for i in range(reads):
@@ -147,7 +147,7 @@ def big_results(jobs: int, dims: int, reads: int) -> dict[str, Any]:
                 started = time.perf_counter()
                 page = session.get(foreman.url + path, timeout=60).content
                 timings[name].append((time.perf_counter() - started) * 1000)
-        rss_after = int(proc_status(foreman.pid)["VmRSS"].split()[0]) / 1024
+        rss_after = rss_mb(proc_status(foreman.pid))
     finally:
         foreman.stop()
         fake.stop()

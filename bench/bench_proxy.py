@@ -18,7 +18,16 @@ from typing import Any
 
 import requests
 
-from bench.common import Child, KeepAlive, machine, proc_status, start_fake, start_foreman, summary
+from bench.common import (
+    Child,
+    KeepAlive,
+    machine,
+    proc_status,
+    rss_mb,
+    start_fake,
+    start_foreman,
+    summary,
+)
 from tests.http_raw import ChunkReader, send_only
 
 MODEL = "llama3"
@@ -133,8 +142,8 @@ def rss_with_waiters(fake: Child, waiters: int) -> dict[str, Any]:
             sock.close()
         wait_health(foreman.url, lambda h: h["chat"]["waiting"] == 0)
         return {"waiting": health["chat"]["waiting"],
-                "idle_rss_mb": int(idle["VmRSS"].split()[0]) / 1024,
-                "rss_mb": int(loaded["VmRSS"].split()[0]) / 1024,
+                "idle_rss_mb": rss_mb(idle),
+                "rss_mb": rss_mb(loaded),
                 "peak_rss_mb": int(loaded["VmHWM"].split()[0]) / 1024,
                 "threads": int(loaded["Threads"])}
     finally:

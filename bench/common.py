@@ -97,6 +97,11 @@ def proc_status(pid: int) -> dict[str, str]:
     return fields
 
 
+def rss_mb(status: dict[str, str]) -> float:
+    """Resident memory in MB, from `proc_status`."""
+    return int(status["VmRSS"].split()[0]) / 1024
+
+
 def pct(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:

@@ -32,7 +32,7 @@ from typing import Any
 
 import requests
 
-from bench.common import Child, KeepAlive, proc_status, start_foreman
+from bench.common import Child, KeepAlive, proc_status, rss_mb, start_foreman
 from tests.http_raw import ChunkReader
 
 THINK_SECONDS = 1.0
@@ -167,7 +167,7 @@ class Soak:
         while not self.stop.wait(1.0):
             status = proc_status(self.foreman.pid)
             self.samples.append({
-                "t": time.monotonic(), "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
+                "t": time.monotonic(), "rss_mb": rss_mb(status),
                 "threads": int(status["Threads"]),
                 "fds": len(os.listdir(f"/proc/{self.foreman.pid}/fd")),
                 "jobs_queued": self.jobs_queued(),
