@@ -162,8 +162,10 @@ class ForemanApp:
         if not self._token:
             return
         scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
+        # WSGI hands header values over decoded as latin-1: encoding them back
+        # gives the bytes the client sent, so a UTF-8 token compares as sent.
         if scheme.lower() == "bearer" and supplied and hmac.compare_digest(
-            supplied.strip().encode(), self._token
+            supplied.strip().encode("latin-1"), self._token
         ):
             return
         raise ApiError(401, "unauthorized: a valid bearer token is required",

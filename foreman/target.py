@@ -175,9 +175,11 @@ class TargetClient:
         }
         self._adapter = adapter
         # Bodies are re-streamed byte for byte; compression would only cost CPU.
-        self._headers = {"Accept-Encoding": "identity", "User-Agent": "foreman"}
+        self._headers: dict[str, str | bytes] = {"Accept-Encoding": "identity",
+                                                 "User-Agent": "foreman"}
         if token:
-            self._headers["Authorization"] = f"Bearer {token}"
+            # As bytes: a token outside latin-1 goes out as its UTF-8, not an error.
+            self._headers["Authorization"] = b"Bearer " + token.encode()
 
     def open(
         self,

@@ -18,8 +18,8 @@ from tests.fake_ollama import FakeOllama
 # Every inbound token a test gives foreman, and every target token.  None may ever
 # appear in a log line; no inbound token may ever reach the fake target.
 INBOUND_TOKENS = ("s3cret-token-value", "t0k", "for-foreman", "cli-token", "hunter2",
-                  "matrix-Token-1234567890")
-TARGET_TOKENS = ("target-secret", "for-ollama", "sesame")
+                  "matrix-Token-1234567890", "pässwörd-ключ-🔑")
+TARGET_TOKENS = ("target-secret", "for-ollama", "sesame", "sésame-ключ")
 
 _logged: list[str] = []
 _make_record = logging.Logger.makeRecord

@@ -312,7 +312,8 @@ class _Handler(BaseHTTPRequestHandler):
         if host not in ("127.0.0.1", "localhost", "::1"):
             self._send(403, b"")
             return
-        if fake.token and self.headers.get("Authorization") != f"Bearer {fake.token}":
+        supplied = self.headers.get("Authorization", "").encode("latin-1", "replace")
+        if fake.token and supplied != f"Bearer {fake.token}".encode():
             self._error(401, "unauthorized")
             return
         queued = fake.faults.get(path)

@@ -91,3 +91,27 @@ def test_auth_matrix(make_foreman: Callable[..., Daemon], metrics_public: bool) 
     print(f"{checked} requests checked")
     assert checked > 4000
     assert leaks == []
+
+
+def test_a_non_ascii_token_authenticates_as_sent(make_foreman: Callable[..., Daemon],
+                                                 fake) -> None:
+    """Regression (issue 13.14): the header arrives decoded as latin-1 and was compared
+    re-encoded as UTF-8, so a UTF-8 token could never match.  The target token goes out
+    as its UTF-8 bytes too."""
+    token, target_token = "pässwörd-ключ-🔑", "sésame-ключ"
+    fake.token = target_token
+    daemon = make_foreman(token=token, target={"token": target_token})
+    parts = urlsplit(daemon.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        for supplied, wanted in ((token, 200), (token[:-1], 401), ("passwort", 401)):
+            conn.putrequest("POST", "/api/chat", skip_accept_encoding=True)
+            conn.putheader("Authorization", b"Bearer " + supplied.encode())
+            body = b'{"model": "llama3", "stream": false}'
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            response = conn.getresponse()
+            assert (response.status, supplied) == (wanted, supplied), response.read()
+            response.read()
+    finally:
+        conn.close()
