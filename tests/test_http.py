@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import io
 import threading
 from collections.abc import Callable, Iterator
@@ -178,3 +179,20 @@ def test_access_log_has_one_line_per_request_without_secrets(
     # The target got its own token, never the client's.
     received = fake.requests_to("/api/chat")[-1]
     assert received.headers["authorization"] == "Bearer target-secret"
+
+
+def test_client_text_cannot_forge_a_log_line(log_text: LogStream, foreman: Daemon) -> None:
+    """Regression (issue 13.13): a path with an encoded newline, or a model name with one,
+    wrote a second, fake line into the text log."""
+    forged = "2026-11-27T00:00:00 info    foreman.access: GET /fake 200"
+    path = "/x%0a" + forged.replace(" ", "%20") + "%0d%1b%e2%80%a8"
+    assert raw_request(foreman.url, "GET", path).status == 404
+    body = json.dumps({"model": "llama3\n" + forged, "stream": False}).encode()
+    assert raw_request(foreman.url, "POST", "/api/chat", {"Content-Type": "application/json"},
+                       body).status == 404
+    assert foreman.app.wait_idle(5)
+    lines = log_text.getvalue().splitlines()
+    assert lines and not [line for line in lines if line.startswith("2026-11-27T00:00:00")]
+    access = [line for line in lines if "foreman.access" in line]
+    assert any("\\n2026-11-27T00:00:00" in line for line in access)
+    assert any("model=llama3\\n2026" in line for line in access)
