@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import io
+import json
 import threading
 from collections.abc import Callable, Iterator
 
