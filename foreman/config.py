@@ -59,6 +59,27 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def format_duration(seconds: float) -> str:
+    """The shortest way to write `seconds` in the units parse_duration reads."""
+    for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds * 1000:g}ms"
+
+
+def _at_least(minimum: float, why: str) -> Callable[[Any], float]:
+    """A duration parser for keys where a tiny value breaks the daemon."""
+
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds < minimum:
+            raise _ValueProblem(f"must be at least {format_duration(minimum)} ({why}),"
+                                f" got {value!r}")
+        return seconds
+
+    return parse
+
+
 def parse_size(value: Any) -> int:
     """Bytes from a number of bytes or a string such as `64MB`."""
     if isinstance(value, bool):
@@ -100,6 +121,16 @@ def _string(value: Any) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise _ValueProblem(f"expected a string, got {value!r}")
     return str(value)
+
+
+def _secret(value: Any) -> str:
+    """A token: only a YAML string, since YAML reads `0123` as the number 83 and
+    `12.50` as 12.5, and a token changed that way would lock everyone out."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise _ValueProblem("a token must be a string: put it in quotes, such as \"0123\"")
+    return value
 
 
 def _one_of(*choices: str) -> Callable[[Any], str]:
@@ -162,15 +193,15 @@ def _section(cls: type) -> Any:
 @dataclass(frozen=True)
 class TargetConfig:
     url: str = _key(_http_url, "http://127.0.0.1:11434")
-    token: str = _key(_string, "")
-    connect_timeout: float = _key(parse_duration, 5.0)
-    read_timeout: float = _key(parse_duration, 600.0)
+    token: str = _key(_secret, "")
+    connect_timeout: float = _key(_at_least(0.001, "every call to the target needs time"), 5.0)
+    read_timeout: float = _key(_at_least(0.001, "every call to the target needs time"), 600.0)
     allow_admin: bool = _key(_boolean, False)
 
 
 @dataclass(frozen=True)
 class InventoryConfig:
-    poll_interval: float = _key(parse_duration, 10.0)
+    poll_interval: float = _key(_at_least(0.1, "faster polling only loads the target"), 10.0)
     repoll_cooldown: float = _key(parse_duration, 1.0)
 
 
@@ -195,7 +226,8 @@ class EmbedConfig:
 class JobsConfig:
     db: str = _key(_string, "foreman.db")
     max_attempts: int = _key(_positive_int, 3)
-    retention: float = _key(parse_duration, 7 * 86400.0)
+    retention: float = _key(_at_least(1.0, "a finished job must stay long enough to be"
+                                            " collected"), 7 * 86400.0)
 
 
 @dataclass(frozen=True)
@@ -224,7 +256,7 @@ THREAD_HEADROOM = 16
 @dataclass(frozen=True)
 class Config:
     listen: ListenAddress = _key(parse_listen, ListenAddress("127.0.0.1", 11435))
-    token: str = _key(_string, "")
+    token: str = _key(_secret, "")
     target: TargetConfig = _section(TargetConfig)
     inventory: InventoryConfig = _section(InventoryConfig)
     embedder: EmbedderConfig = _section(EmbedderConfig)
@@ -296,7 +328,8 @@ def load_config(
 ) -> Config:
     """Load and validate the config file (or the defaults when path is None).
 
-    FOREMAN_TOKEN and FOREMAN_TARGET_TOKEN in `environ` override the tokens.
+    FOREMAN_TOKEN and FOREMAN_TARGET_TOKEN in `environ` override the tokens
+    when they are set and not empty.
     """
     environ = os.environ if environ is None else environ
     source = path or "<defaults>"
@@ -313,9 +346,11 @@ def load_config(
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
     config = parse_config(data, source)
-    if "FOREMAN_TOKEN" in environ:
+    # An empty variable counts as unset: `FOREMAN_TOKEN=` left over in a service
+    # file must not silently switch off the token the config file sets.
+    if environ.get("FOREMAN_TOKEN"):
         config = dataclasses.replace(config, token=environ["FOREMAN_TOKEN"])
-    if "FOREMAN_TARGET_TOKEN" in environ:
+    if environ.get("FOREMAN_TARGET_TOKEN"):
         config = dataclasses.replace(
             config,
             target=dataclasses.replace(config.target, token=environ["FOREMAN_TARGET_TOKEN"]),

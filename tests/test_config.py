@@ -69,6 +69,14 @@ def test_bad_sizes(bad: object) -> None:
     ("target:\n  allow_admin: maybe\n", "target.allow_admin", "true or false"),
     ("log:\n  format: xml\n", "log.format", "text, json"),
     ("server:\n  max_body: lots\n", "server.max_body", "size"),
+    # Regressions (issue 13.15): each passed --check and then broke the daemon.
+    ("target:\n  read_timeout: 0\n", "target.read_timeout", "at least 1ms"),
+    ("target:\n  connect_timeout: 0s\n", "target.connect_timeout", "at least 1ms"),
+    ("inventory:\n  poll_interval: 0\n", "inventory.poll_interval", "at least 100ms"),
+    ("inventory:\n  poll_interval: 5ms\n", "inventory.poll_interval", "at least 100ms"),
+    ("jobs:\n  retention: 0\n", "jobs.retention", "at least 1s"),
+    ("token: 0123\n", "token", "put it in quotes"),
+    ("target:\n  token: 12.50\n", "target.token", "put it in quotes"),
 ])
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     path = write(tmp_path, text)
@@ -92,6 +100,17 @@ def test_env_overrides_tokens(tmp_path: Path) -> None:
                                         "FOREMAN_TARGET_TOKEN": "env-out"})
     assert config.token == "env-in" and config.target.token == "env-out"
     assert load_config(path, environ={}).token == "from-file"
+
+
+def test_an_empty_env_token_counts_as_unset(tmp_path: Path) -> None:
+    """Regression (issue 13.15): `FOREMAN_TOKEN=""` silently switched auth off."""
+    path = write(tmp_path, "token: from-file\ntarget:\n  token: target-from-file\n")
+    config = load_config(path, environ={"FOREMAN_TOKEN": "", "FOREMAN_TARGET_TOKEN": ""})
+    assert config.token == "from-file" and config.target.token == "target-from-file"
+
+
+def test_a_quoted_token_keeps_its_leading_zero(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, 'token: "0123"\n'), environ={}).token == "0123"
 
 
 def test_redacted_hides_secrets_and_resolves_threads() -> None:
