@@ -1,20 +1,21 @@
 """The Ollama-compatible routes: what each one does on the way to the target.
 
-Chat and generate (and their /v1 twins) validate their body, check the model
-against the inventory, wait for the chat slot, then relay the target's answer.
-Embeddings skip the slot.  Model lists come from the inventory's cache; a few
-routes pass straight through; model management passes through only when the
-operator allows it.  Decisions parse the JSON body, but the bytes sent to the
-target are the client's own.
+Chat and generate (and their /v1 twins) and the embedding routes take the
+same path through different lanes: validate the body, check the model
+against the inventory, wait in the lane (the chat slot, or the embed lane
+beside it), then relay the target's answer.  A client that leaves while
+waiting leaves the line; one that leaves mid-answer has its upstream request
+cut.  Model lists come from the inventory's cache; a few routes pass straight
+through; model management passes through only when the operator allows it.
+Decisions parse the JSON body, but the bytes sent to the target are the
+client's own.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from werkzeug.routing import Rule
 from werkzeug.wrappers import Request
 
 from . import __version__
-from .errors import ApiError, TargetUnreachable, json_response
+from .body import ParseBudget, SizedBody, read_forwarded
+from .errors import ApiError, TargetTransportError, TargetUnreachable, json_response
 from .inventory import Inventory, Snapshot, canonical_model_name
+from .lane import Lane, Work
 from .metrics import Metrics
 from .relay import WSGIApp, relay
-from .slot import ChatSlot, Work
 from .target import AbortSignal, TargetClient
 from .watch import ClientWatcher
 
@@ -54,20 +56,6 @@ def request_info(request: Request) -> RequestInfo:
 
 def client_gone_check(request: Request) -> Callable[[], bool]:
     return request.environ.get("waitress.client_disconnected") or (lambda: False)
-
-
-def read_json_object(request: Request) -> tuple[bytes, dict[str, Any]]:
-    """The raw body and its parsed object; Ollama's 400s for anything else."""
-    raw = request.get_data(cache=False)
-    if not raw.strip():
-        raise ApiError(400, "missing request body")
-    try:
-        body = json.loads(raw)
-    except ValueError as exc:
-        raise ApiError(400, f"invalid JSON in request body: {exc}") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, "request body must be a JSON object")
-    return raw, body
 
 
 def required_model(body: dict[str, Any]) -> str:
@@ -108,24 +96,22 @@ class OllamaApi:
         self,
         client: TargetClient,
         inventory: Inventory,
-        slot: ChatSlot,
+        chat_lane: Lane,
+        embed_lane: Lane,
         watcher: ClientWatcher,
         metrics: Metrics,
+        budget: ParseBudget,
         *,
         max_wait: float = 0.0,
-        embed_concurrency: int = 0,
         allow_admin: bool = False,
     ) -> None:
         self._client = client
         self._inventory = inventory
-        self._slot = slot
+        self._chat_lane, self._embed_lane = chat_lane, embed_lane
         self._watcher = watcher
         self._metrics = metrics
+        self._budget = budget
         self._max_wait = max_wait or None
-        self._embed_limit = (
-            threading.BoundedSemaphore(embed_concurrency) if embed_concurrency
-            else contextlib.nullcontext()
-        )
         self._allow_admin = allow_admin
 
     def rules(self) -> list[Rule]:
@@ -161,71 +147,73 @@ class OllamaApi:
             "reason": snapshot.error,
             "last_poll_ok_seconds_ago": _age(snapshot.last_success),
             "models": len(snapshot.models),
-            "chat": {"in_flight": self._slot.in_flight, "waiting": self._slot.waiting},
+            "chat": {"in_flight": self._chat_lane.in_flight,
+                     "waiting": self._chat_lane.waiting},
+            "embed": {"in_flight": self._embed_lane.in_flight,
+                      "waiting": self._embed_lane.waiting},
             "version": __version__,
         }
         return json_response(200, json.dumps(body).encode())
 
-    # -- through the chat slot ------------------------------------------------
+    # -- through a lane -------------------------------------------------------
 
     def generate(self, request: Request) -> WSGIApp:
-        raw, body = read_json_object(request)
-        model = required_model(body)
+        return self._through_lane(request, self._chat_lane, "model '{}' not found",
+                                  max_wait=self._max_wait)
+
+    def embed(self, request: Request) -> WSGIApp:
+        # Some Ollama builds fail concurrent embeds spuriously; embeds are idempotent.
+        return self._through_lane(request, self._embed_lane,
+                                  'model "{}" not found, try pulling it first',
+                                  retry_500=True)
+
+    def _through_lane(self, request: Request, lane: Lane, not_found: str,
+                      max_wait: float | None = None, retry_500: bool = False) -> WSGIApp:
+        body, model = read_forwarded(request, self._budget, required_model)
         info = request_info(request)
         info.model, info.waited_ms = model, 0
         if self._inventory.known_absent(model):
-            raise ApiError(404, f"model '{model}' not found")
-        kind = request.path.rsplit("/", 1)[-1]
-        work = Work(kind=kind, model=model, label=info.request_id,
+            raise ApiError(404, not_found.format(model))
+        work = Work(kind=request.path.rsplit("/", 1)[-1], model=model, label=info.request_id,
                     resident=self._inventory.is_loaded(model))
-        ticket = self._slot.enqueue(work)
+        ticket = lane.enqueue(work)
         gone = client_gone_check(request)
         try:
             with self._watcher.watch(
                 gone, lambda: ticket.cancel("client went away", CLIENT_GONE)
             ):
-                lease = ticket.wait(self._max_wait)
+                ticket.wait(max_wait)
         finally:
             info.waited_ms = round(ticket.waited * 1000)
-            self._metrics.observe_wait(ticket.waited)
+            if lane is self._chat_lane:
+                self._metrics.observe_wait(ticket.waited)
         abort = AbortSignal()
         streaming = self._watcher.watch(gone, abort.abort)
-        cleanup = [streaming.cancel, lease.release,
+        cleanup = [streaming.cancel, ticket.release,
                    lambda: self._metrics.add_chunks(work.chunks)]
         try:
             try:
                 if gone():
                     raise ApiError(CLIENT_GONE, "client went away")
-                upstream = self._client.open("POST", request.path, raw, "application/json",
-                                             abort)
+                upstream = self._client.open("POST", request.path, body.content(),
+                                             "application/json", abort)
+                if retry_500 and upstream.status == 500:
+                    log.info("target answered 500 to %s of %s; retrying once",
+                             request.path, model)
+                    upstream.read()
+                    upstream.close()
+                    upstream = self._client.open("POST", request.path, body.content(),
+                                                 "application/json", abort)
             except BaseException:
                 for step in cleanup:
                     step()
                 raise
             # From here on relay owns the cleanup, and runs it exactly once.
             return relay(upstream, cleanup, tally=work, json_only=True)
-        except TargetUnreachable:
+        except TargetTransportError:
             if abort.aborted:
                 raise ApiError(CLIENT_GONE, "client went away") from None
             raise
-
-    # -- beside the chat slot -------------------------------------------------
-
-    def embed(self, request: Request) -> WSGIApp:
-        raw, body = read_json_object(request)
-        model = required_model(body)
-        request_info(request).model = model
-        if self._inventory.known_absent(model):
-            raise ApiError(404, f'model "{model}" not found, try pulling it first')
-        with self._embed_limit:
-            upstream = self._client.open("POST", request.path, raw, "application/json")
-            if upstream.status == 500:
-                # Some Ollama builds fail concurrent embeds spuriously; embeds are idempotent.
-                log.info("target answered 500 to an embed of %s; retrying once", model)
-                upstream.read()
-                upstream.close()
-                upstream = self._client.open("POST", request.path, raw, "application/json")
-            return relay(upstream, [], json_only=True)
 
     # -- from the inventory ---------------------------------------------------
 
@@ -278,23 +266,6 @@ class OllamaApi:
                                      request.content_type or None)
         on_close = [self._inventory.poll_soon] if 200 <= upstream.status < 300 else []
         return relay(upstream, on_close, head=request.method == "HEAD")
-
-
-class SizedBody:
-    """A request body streamed to the target with its length known up front.
-
-    `requests` sends a file-like object with a length as a plain body with
-    Content-Length, reading it block by block, instead of buffering it.
-    """
-
-    def __init__(self, stream: Any, length: int) -> None:
-        self._stream, self._length = stream, length
-
-    def __len__(self) -> int:
-        return self._length
-
-    def read(self, size: int = -1) -> bytes:
-        return self._stream.read(size)
 
 
 def _age(stamp: float | None) -> float | None:

@@ -30,7 +30,7 @@ from .errors import (
     ApiError,
     TargetBadAnswer,
     TargetHTTPError,
-    TargetUnreachable,
+    TargetTransportError,
     error_response,
 )
 from .metrics import Metrics
@@ -151,7 +151,7 @@ class ForemanApp:
             return error_response(ApiError(code, text), openai)
         except ApiError as exc:
             return error_response(exc, openai)
-        except (TargetHTTPError, TargetUnreachable, TargetBadAnswer) as exc:
+        except (TargetHTTPError, TargetTransportError, TargetBadAnswer) as exc:
             log.warning("%s %s: %s", request.method, request.path, exc)
             return error_response(exc, openai)
         except Exception as exc:

@@ -220,6 +220,7 @@ class ChatConfig:
 @dataclass(frozen=True)
 class EmbedConfig:
     concurrency: int = _key(_non_negative_int, 0)
+    max_queue: int = _key(_non_negative_int, 64)
 
 
 @dataclass(frozen=True)
@@ -248,8 +249,8 @@ class LogConfig:
     format: str = _key(_one_of("text", "json"), "text")
 
 
-# Threads beyond the chat slot's holders, so health checks, inventory reads and
-# embeddings are served even when every waiter's thread is parked.
+# Threads beyond the lanes' waiters and holders, so health checks and inventory
+# reads are served even when every waiter's thread is parked.
 THREAD_HEADROOM = 16
 
 
@@ -272,7 +273,8 @@ class Config:
         """The waitress pool size: enough for every waiter and holder, plus headroom."""
         if self.server.threads:
             return self.server.threads
-        return self.chat.max_queue + self.chat.concurrency + THREAD_HEADROOM
+        return (self.chat.max_queue + self.chat.concurrency + self.embed.max_queue
+                + self.embed.concurrency + THREAD_HEADROOM)
 
     def redacted(self) -> dict[str, Any]:
         """The resolved settings as plain data, with every secret replaced."""

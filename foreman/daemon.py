@@ -15,15 +15,16 @@ from dataclasses import dataclass
 
 from .api import OllamaApi
 from .app import ForemanApp
+from .body import ParseBudget
 from .config import Config
 from .estimates import Estimator
 from .inventory import Inventory
 from .jobs_api import JobsApi, render_job
+from .lane import Lane
 from .metrics import Metrics
 from .observe import ObserveApi, register_gauges
 from .queue_view import QueueView
 from .server import Server
-from .slot import ChatSlot
 from .store import JobStore
 from .target import TargetClient
 from .warmup import EmbedderWarmer
@@ -39,7 +40,8 @@ class Daemon:
     config: Config
     client: TargetClient
     inventory: Inventory
-    slot: ChatSlot
+    chat_lane: Lane
+    embed_lane: Lane
     watcher: ClientWatcher
     warmer: EmbedderWarmer | None
     store: JobStore
@@ -76,7 +78,8 @@ class Daemon:
         deadline = time.monotonic() + drain
         self.server.stop_accepting()
         self.worker.stop_claiming()
-        self.slot.close("foreman is shutting down")
+        self.chat_lane.close("foreman is shutting down")
+        self.embed_lane.close("foreman is shutting down")
         drained = self.app.wait_idle(drain)
         if not drained:
             log.warning("drain timeout: %d requests still in flight are cut", self.app.active)
@@ -106,39 +109,41 @@ def build_daemon(config: Config) -> Daemon:
     inventory = Inventory(client, config.inventory.poll_interval,
                           miss_cooldown=config.inventory.repoll_cooldown)
     estimator = Estimator()
-    slot = ChatSlot(config.chat.concurrency, config.chat.max_queue,
-                    on_release=lambda work, held: estimator.record(work.model, held,
-                                                                   work.resident))
+    # The estimator learns from chat-slot work the target answered, nothing else.
+    chat_lane = Lane("chat slot", config.chat.concurrency, config.chat.max_queue,
+                     on_release=lambda work, held: estimator.record(work.model, held,
+                                                                    work.resident))
+    embed_lane = Lane("embed lane", config.embed.concurrency, config.embed.max_queue)
     metrics = Metrics()
     watcher = ClientWatcher()
+    budget = ParseBudget()
     warmer = None
     if config.embedder.model:
         warmer = EmbedderWarmer(client, config.embedder.model, config.inventory.poll_interval)
         inventory.on_reachable(warmer.request)
     api = OllamaApi(
-        client, inventory, slot, watcher, metrics,
+        client, inventory, chat_lane, embed_lane, watcher, metrics, budget,
         max_wait=config.chat.max_wait,
-        embed_concurrency=config.embed.concurrency,
         allow_admin=config.target.allow_admin,
     )
     store = JobStore(config.jobs.db)
     notifier = WebhookNotifier(render_job)
     worker = JobWorker(
-        store, client, slot, inventory, notifier.notify, metrics,
+        store, client, chat_lane, embed_lane, inventory, notifier.notify, metrics,
         generation_workers=config.chat.concurrency,
         embed_workers=config.embed.concurrency or 2,
         max_attempts=config.jobs.max_attempts,
         retention=config.jobs.retention,
     )
-    queue = QueueView(slot, store, worker, inventory, estimator)
-    jobs = JobsApi(store, worker, inventory, queue, notifier.notify)
+    queue = QueueView(chat_lane, store, worker, inventory, estimator)
+    jobs = JobsApi(store, worker, inventory, queue, notifier.notify, budget)
     observe = ObserveApi(queue, metrics)
-    register_gauges(metrics, slot, inventory, store)
+    register_gauges(metrics, chat_lane, embed_lane, inventory, store)
     public = {api.health, observe.status}
     if config.metrics.public:
         public.add(observe.metrics)
     app = ForemanApp([*api.rules(), *jobs.rules(), *observe.rules()], public, config.token,
                      config.server.max_body, metrics)
     server = Server(app, config.listen.host, config.listen.port, threads, config.server.max_body)
-    return Daemon(config, client, inventory, slot, watcher, warmer, store, worker, notifier,
-                  app, server)
+    return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, warmer, store,
+                  worker, notifier, app, server)

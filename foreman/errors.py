@@ -1,7 +1,8 @@
 """The exceptions foreman decides on, and the one place they become HTTP answers.
 
-A target that cannot be reached and a target that answered with an error are
-different failures with different remedies, so they are different types.
+A target that cannot be reached, a target that took the work and then broke
+off, and a target that answered with an error are different failures with
+different remedies, so they are different types.
 foreman's own refusals (bad input, busy, not found) are ApiError.  Everything
 above the target client raises these; `error_response` maps them to a
 status and a body in the shape the route's clients expect (Ollama's
@@ -16,8 +17,23 @@ from dataclasses import dataclass, field
 from werkzeug.wrappers import Response
 
 
-class TargetUnreachable(Exception):
-    """The target could not be reached, timed out, or dropped the connection."""
+class TargetTransportError(Exception):
+    """The exchange with the target failed below HTTP: no answer to relay."""
+
+
+class TargetUnreachable(TargetTransportError):
+    """No connection could be made: the target is down or not listening.  Nothing
+    reached it, so the work can wait for it without counting a failure."""
+
+
+class TargetLost(TargetTransportError):
+    """The target accepted the request, then went silent past a timeout or dropped
+    the connection.  The work itself may be what broke it, so this is a failure of
+    the work, not an outage."""
+
+    def __init__(self, message: str, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.timed_out = timed_out
 
 
 class TargetHTTPError(Exception):
@@ -89,6 +105,11 @@ def error_response(exc: Exception, openai: bool = False) -> Response:
         return json_response(exc.status, error_body(exc.status, exc.message, openai))
     if isinstance(exc, TargetUnreachable):
         return json_response(502, error_body(502, f"ollama is unreachable: {exc}", openai))
+    if isinstance(exc, TargetLost):
+        if exc.timed_out:
+            return json_response(504, error_body(504, f"ollama stopped responding: {exc}",
+                                                 openai))
+        return json_response(502, error_body(502, f"ollama failed mid-request: {exc}", openai))
     if isinstance(exc, TargetBadAnswer):
         return json_response(502, error_body(502, f"ollama answered badly: {exc}", openai))
     return json_response(500, error_body(500, "internal error in foreman (see its log)", openai))

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TargetHTTPError, TargetUnreachable
+from .errors import TargetBadAnswer, TargetHTTPError, TargetTransportError
 from .target import TargetClient
 
 log = logging.getLogger("foreman.inventory")
@@ -190,11 +190,9 @@ class Inventory:
     def _fetch(self, route: str) -> tuple[bytes, tuple[dict[str, Any], ...]]:
         try:
             raw, body = self._client.call("GET", route)
+        except TargetBadAnswer:
+            raise ValueError(f"ollama answered GET {route} with a body that is not JSON") from None
         except TargetHTTPError as exc:
-            if 200 <= exc.status < 300:
-                raise ValueError(
-                    f"ollama answered GET {route} with a body that is not JSON"
-                ) from None
             raise ValueError(
                 f"ollama answered GET {route} with {exc.status}: {exc.message}"
             ) from None
@@ -206,7 +204,7 @@ class Inventory:
         try:
             tags_raw, models = self._fetch("/api/tags")
             ps_raw, running = self._fetch("/api/ps")
-        except (TargetUnreachable, ValueError) as exc:
+        except (TargetTransportError, ValueError) as exc:
             self.poll_failures += 1
             self._snapshot = dataclasses.replace(
                 previous, degraded=True, error=str(exc), last_attempt=now

@@ -17,7 +17,8 @@ from urllib.parse import urlsplit
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Request
 
-from .api import client_gone_check, read_json_object, required_model
+from .api import client_gone_check, required_model
+from .body import ParseBudget, read_json_object
 from .errors import ApiError, json_response
 from .inventory import Inventory
 from .queue_view import QueueView, iso
@@ -27,6 +28,7 @@ from .worker import JobWorker
 
 MAX_WAIT_SECONDS = 60.0
 MAX_LIST_LIMIT = 500
+PRIORITY_RANGE = (-(2**63), 2**63 - 1)  # SQLite's INTEGER, as Go's int64
 
 
 def render_job(job: Job, position: int | None = None, partial: str | None = None,
@@ -52,8 +54,10 @@ def _is_http_url(value: str) -> bool:
 
 class JobsApi:
     def __init__(self, store: JobStore, worker: JobWorker, inventory: Inventory,
-                 queue: QueueView, notify: Any, max_long_polls: int = 8) -> None:
+                 queue: QueueView, notify: Any, budget: ParseBudget,
+                 max_long_polls: int = 8) -> None:
         self._store, self._worker, self._inventory = store, worker, inventory
+        self._budget = budget
         self._queue = queue
         self._notify = notify
         # Each long-poll holds a server thread: bound them so they cannot starve the rest.
@@ -85,7 +89,7 @@ class JobsApi:
         return render_job(job, position, self._worker.progress(job.id), estimated)
 
     def submit(self, request: Request) -> WSGIApp:
-        _, body = read_json_object(request)
+        body = read_json_object(request, self._budget)
         kind = body.get("kind")
         if kind not in KINDS:
             raise ApiError(400, f"kind must be one of {', '.join(KINDS)}")
@@ -94,8 +98,10 @@ class JobsApi:
             raise ApiError(400, "request must be a JSON object (the Ollama request body)")
         model = required_model(job_request)
         priority = body.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ApiError(400, "priority must be an integer")
+        if isinstance(priority, bool) or not isinstance(priority, int) \
+                or not PRIORITY_RANGE[0] <= priority <= PRIORITY_RANGE[1]:
+            raise ApiError(400, "priority must be an integer from"
+                                f" {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}")
         webhook = body.get("webhook")
         if webhook is not None and not (isinstance(webhook, str) and _is_http_url(webhook)):
             raise ApiError(400, "webhook must be an http(s) URL")

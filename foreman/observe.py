@@ -16,22 +16,26 @@ from werkzeug.wrappers import Request, Response
 from . import __version__
 from .errors import json_response
 from .inventory import Inventory
+from .lane import Lane
 from .metrics import Metrics
 from .queue_view import QueueView
 from .relay import WSGIApp
-from .slot import ChatSlot
 from .store import JobStore
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def register_gauges(metrics: Metrics, slot: ChatSlot, inventory: Inventory,
+def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, inventory: Inventory,
                     store: JobStore) -> None:
     """Gauges read from their owners at scrape time."""
     metrics.register("foreman_chat_waiting", "Interactive requests and job workers waiting for "
-                  "the chat slot.", lambda: [((), slot.waiting)])
+                  "the chat slot.", lambda: [((), chat_lane.waiting)])
     metrics.register("foreman_chat_in_flight", "Generations holding the chat slot.",
-                  lambda: [((), slot.in_flight)])
+                  lambda: [((), chat_lane.in_flight)])
+    metrics.register("foreman_embed_waiting", "Embedding requests and job workers waiting for "
+                  "the embed lane.", lambda: [((), embed_lane.waiting)])
+    metrics.register("foreman_embed_in_flight", "Embeddings running on the target.",
+                  lambda: [((), embed_lane.in_flight)])
     metrics.register("foreman_target_up", "1 when the last poll of the target succeeded.",
                   lambda: [((), 0 if inventory.snapshot.degraded else 1)])
     metrics.register("foreman_target_poll_failures_total", "Failed polls of the target.",

@@ -16,7 +16,7 @@ from typing import Any
 
 from .estimates import Estimator
 from .inventory import Inventory
-from .slot import INTERACTIVE, ChatSlot, Work
+from .lane import INTERACTIVE, Lane, Work
 from .store import GENERATION_KINDS, Job, JobStore
 from .worker import JobWorker
 
@@ -38,14 +38,14 @@ class Turn:
 
 
 class QueueView:
-    def __init__(self, slot: ChatSlot, store: JobStore, worker: JobWorker, inventory: Inventory,
+    def __init__(self, chat_lane: Lane, store: JobStore, worker: JobWorker, inventory: Inventory,
                  estimator: Estimator) -> None:
-        self._slot, self._store, self._worker = slot, store, worker
+        self._chat_lane, self._store, self._worker = chat_lane, store, worker
         self._inventory, self._estimator = inventory, estimator
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
-        holders, line = self._slot.snapshot()
+        holders, line = self._chat_lane.snapshot()
         running, free_at = self._running(holders, now)
         waiting = []
         for turn, position, start, unknown in self._schedule(self._turns(line), free_at, now):
@@ -56,14 +56,14 @@ class QueueView:
             if unknown is not None:
                 entry["estimate"] = f"unknown: {unknown}"
             waiting.append(entry)
-        return {"concurrency": self._slot.concurrency, "running": running,
+        return {"concurrency": self._chat_lane.concurrency, "running": running,
                 "waiting": waiting, "history": self._estimator.known()}
 
     def place(self, job: Job) -> tuple[int, str | None]:
         """A queued chat/generate job's position and estimated start, as `snapshot`
         would show them, from the turns ahead of it only."""
         now = time.time()
-        holders, line = self._slot.snapshot()
+        holders, line = self._chat_lane.snapshot()
         _, free_at = self._running(holders, now)
         own = Turn("job", job.model, {"job_id": job.id}, job.created_at,
                    self._inventory.is_loaded(job.model))
@@ -87,7 +87,7 @@ class QueueView:
             estimate = self._estimator.estimate(work.model, work.resident)
             started = work.started_at or now
             free_at.append(None if estimate is None else max(now, started + estimate))
-        free_at += [now] * max(0, self._slot.concurrency - len(free_at))
+        free_at += [now] * max(0, self._chat_lane.concurrency - len(free_at))
         return running, free_at
 
     def _turns(self, line: list[Work], ahead_of: Job | None = None) -> list[Turn]:

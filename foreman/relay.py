@@ -1,7 +1,9 @@
 """Turns a target response into the WSGI response the client receives.
 
 Streams (NDJSON, and server-sent events on /v1) are relayed as they arrive,
-one upstream line per chunk written to the client, bytes untouched.  Anything
+one upstream line per chunk written to the client, bytes untouched.  A
+response that ends as a complete answer marks its tally `answered`, which is
+what the estimator learns from.  Anything
 else is read whole and sent with its length.  Hop-by-hop headers and the
 upstream framing headers are never copied: waitress frames the body itself.
 
@@ -18,7 +20,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from .errors import TargetBadAnswer, TargetUnreachable, error_body
+from .errors import TargetBadAnswer, TargetTransportError, error_body
 from .target import Upstream
 
 StartResponse = Callable[..., Any]
@@ -44,10 +46,12 @@ def relayed_headers(upstream: Upstream) -> list[tuple[str, str]]:
 
 class Tally(Protocol):
     chunks: int
+    answered: bool
 
 
 class _Count:
     chunks = 0
+    answered = False
 
 
 class StreamedBody:
@@ -75,15 +79,18 @@ class StreamedBody:
     def _relay(self) -> Iterator[bytes]:
         tally = self.tally
         try:
+            last = b""
             if self._sse:
-                for chunk in self._upstream.chunks():
+                for last in self._upstream.chunks():
                     tally.chunks += 1
-                    yield chunk
+                    yield last
             else:
-                for line in self._upstream.lines():
+                for last in self._upstream.lines():
                     tally.chunks += 1
-                    yield line + b"\n"
-        except TargetUnreachable as exc:
+                    yield last
+            # Ollama reports a failure after the stream started as a last error line.
+            tally.answered = self._upstream.status < 300 and not last.startswith(b'{"error"')
+        except TargetTransportError as exc:
             # As Ollama does: an error after the stream started is a last line.
             if self._sse:
                 yield b"data: " + error_body(502, str(exc), openai=True) + b"\n\n"
@@ -121,13 +128,15 @@ def relay(upstream: Upstream, on_close: list[Callable[[], None]], head: bool = F
         return StreamedBody(upstream, on_close, tally or _Count())
     try:
         body = upstream.read()
+        if json_only and 200 <= upstream.status < 300 and not _looks_like_json(ctype, body):
+            raise TargetBadAnswer(f"a {upstream.status} with content type {ctype or 'none'}"
+                                  f" that is not JSON")
+        if tally is not None:
+            tally.answered = 200 <= upstream.status < 300
     finally:
         upstream.close()
         for callback in on_close:
             callback()
-    if json_only and 200 <= upstream.status < 300 and not _looks_like_json(ctype, body):
-        raise TargetBadAnswer(f"a {upstream.status} with content type {ctype or 'none'}"
-                              f" that is not JSON")
     headers = relayed_headers(upstream)
     length = upstream.headers.get("Content-Length", "0") if head else str(len(body))
     headers.append(("Content-Length", length))

@@ -4,7 +4,8 @@ It owns one `requests` transport adapter, configured once: a pool as large
 as the server's thread count, no proxies from the environment (requests are
 sent through the adapter, never a Session that would consult them), the
 target's bearer token on every request, and the target's own Host.  Failures leave this module
-as TargetUnreachable or TargetHTTPError only.
+as TargetUnreachable (no connection), TargetLost (a connection that broke
+off or went silent after the request was sent) or TargetHTTPError only.
 
 An in-flight request can be aborted from another thread with an AbortSignal:
 shutting down its socket is what tells Ollama to stop generating, and it works
@@ -25,10 +26,18 @@ from typing import Any
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import ConnectTimeoutError
 
 from .config import redact_url
-from .errors import TargetHTTPError, TargetUnreachable
+from .errors import (
+    TargetBadAnswer,
+    TargetHTTPError,
+    TargetLost,
+    TargetTransportError,
+    TargetUnreachable,
+)
 
 # What a failed exchange with the target looks like from below this module.
 _TRANSPORT_ERRORS = (requests.RequestException, OSError)
@@ -40,6 +49,8 @@ class AbortSignal:
     The pool attaches each connection it hands out to the signal bound to the
     requesting thread, and detaches it when the connection goes back to the
     pool, so an abort can never hit a connection that now serves someone else.
+    A connection handed out before its socket exists reports back once it has
+    connected, so an abort that came in between still cuts it.
     """
 
     def __init__(self) -> None:
@@ -57,6 +68,12 @@ class AbortSignal:
             if sock is not None:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
+
+    def _connected(self, conn: Any) -> None:
+        with self._lock:
+            if self.aborted and conn.sock is not None:
+                with contextlib.suppress(OSError):
+                    conn.sock.shutdown(socket.SHUT_RDWR)
 
     def _attach(self, conn: Any) -> None:
         with self._lock:
@@ -82,7 +99,7 @@ class _AbortablePoolMixin:
         if signal is not None:
             if signal.aborted:
                 super()._put_conn(conn)  # type: ignore[misc]
-                raise TargetUnreachable("request aborted")
+                raise TargetLost("request aborted")
             signal._attach(conn)
         return conn
 
@@ -92,6 +109,16 @@ class _AbortablePoolMixin:
             conn.foreman_abort_signal = None
             signal._detach(conn)
         super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _ReportingConnectionMixin:
+    """A urllib3 connection that tells its abort signal when its socket exists."""
+
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        signal = getattr(self, "foreman_abort_signal", None)
+        if signal is not None:
+            signal._connected(self)
 
 
 class Upstream:
@@ -109,25 +136,36 @@ class Upstream:
         self.content_type: str = response.headers.get("Content-Type", "")
 
     def lines(self) -> Iterator[bytes]:
-        """Non-empty NDJSON lines, as bytes, each as soon as its newline arrives.
+        """Non-empty NDJSON lines with their newline, as bytes, each as soon as its
+        newline arrives.
 
         Lines split on b"\\n" only, as Go writes them (never on U+2028 or a bare
         CR), and a body that ends inside a line is a broken stream, not a last line.
+        The pieces of a long line are joined once, when its end arrives, so a
+        line of any size costs time and memory in proportion to its size.
         """
-        pending = b""
+        pending: list[bytes] = []  # pieces of a line whose newline has not come yet
         try:
             for chunk in self._response.iter_content(chunk_size=65536):
                 if b"\n" not in chunk:
-                    pending += chunk
+                    pending.append(chunk)
                     continue
-                *complete, pending = (pending + chunk).split(b"\n")
-                for line in complete:
-                    if line:
-                        yield line
+                if pending:
+                    pending.append(chunk)
+                    chunk = b"".join(pending)
+                    pending.clear()
+                start, end = 0, chunk.find(b"\n")
+                while end != -1:
+                    if end > start:
+                        yield chunk[start:end + 1]
+                    start, end = end + 1, chunk.find(b"\n", end + 1)
+                if start < len(chunk):
+                    pending.append(chunk[start:])
+                del chunk
         except _TRANSPORT_ERRORS as exc:
             raise self._lost(exc) from None
-        if pending.strip():
-            raise TargetUnreachable("the stream from ollama ended in the middle of a line")
+        if b"".join(pending).strip():
+            raise TargetLost("the stream from ollama ended in the middle of a line")
 
     def chunks(self) -> Iterator[bytes]:
         """The body as the target sends it, chunk by chunk."""
@@ -145,9 +183,12 @@ class Upstream:
     def close(self) -> None:
         self._response.close()
 
-    def _lost(self, exc: BaseException) -> TargetUnreachable:
-        return _unreachable(exc, self._abort,
-                            f"connection to ollama lost mid-response ({type(exc).__name__})")
+    def _lost(self, exc: BaseException) -> TargetTransportError:
+        if isinstance(exc, requests.Timeout):
+            return _transport_error(exc, self._abort, TargetLost(
+                "no data from ollama within the read timeout mid-response", timed_out=True))
+        return _transport_error(exc, self._abort, TargetLost(
+            f"connection to ollama lost mid-response ({type(exc).__name__})"))
 
 
 class TargetClient:
@@ -169,9 +210,12 @@ class TargetClient:
         self._requesting = threading.local()
         bound = {"requesting": self._requesting}
         adapter.poolmanager.pool_classes_by_scheme = {
-            "http": type("AbortableHTTPPool", (_AbortablePoolMixin, HTTPConnectionPool), bound),
-            "https": type("AbortableHTTPSPool", (_AbortablePoolMixin, HTTPSConnectionPool),
-                          bound),
+            "http": type("AbortableHTTPPool", (_AbortablePoolMixin, HTTPConnectionPool), {
+                **bound, "ConnectionCls": type("ReportingHTTPConnection", (
+                    _ReportingConnectionMixin, HTTPConnection), {})}),
+            "https": type("AbortableHTTPSPool", (_AbortablePoolMixin, HTTPSConnectionPool), {
+                **bound, "ConnectionCls": type("ReportingHTTPSConnection", (
+                    _ReportingConnectionMixin, HTTPSConnection), {})}),
         }
         self._adapter = adapter
         # Bodies are re-streamed byte for byte; compression would only cost CPU.
@@ -203,7 +247,7 @@ class TargetClient:
         try:
             response = self._adapter.send(prepared, stream=True, timeout=self._timeout)
         except _TRANSPORT_ERRORS as exc:
-            raise _unreachable(exc, abort, _describe(exc, self.display_url)) from None
+            raise _transport_error(exc, abort, _classify(exc, self.display_url)) from None
         finally:
             self._requesting.signal = None
         return Upstream(response, abort)
@@ -218,7 +262,7 @@ class TargetClient:
         """A JSON request whose whole answer is wanted: returns (raw body, parsed JSON).
 
         A non-2xx answer raises TargetHTTPError; a 2xx answer that is not JSON
-        raises TargetHTTPError too, since nothing above can use it.
+        raises TargetBadAnswer, since nothing above can use it.
         """
         body = None if payload is None else json.dumps(payload).encode()
         upstream = self.open(
@@ -233,15 +277,15 @@ class TargetClient:
         try:
             return raw, json.loads(raw)
         except ValueError:
-            raise TargetHTTPError(upstream.status, raw, upstream.content_type) from None
+            raise TargetBadAnswer(f"a {upstream.status} whose body is not JSON") from None
 
     def close(self) -> None:
         self._adapter.close()
 
 
-def _unreachable(exc: BaseException, abort: AbortSignal | None, description: str
-                 ) -> TargetUnreachable:
-    """foreman's error for a transport failure, with the failure's frames let go of.
+def _transport_error(exc: BaseException, abort: AbortSignal | None,
+                     error: TargetTransportError) -> TargetTransportError:
+    """`error` for a transport failure, with the failure's frames let go of.
 
     urllib3 keeps exceptions in locals of the frames they pass through, a cycle
     for each failure, and a frame holds its caller's frame: until the cycle
@@ -256,11 +300,32 @@ def _unreachable(exc: BaseException, abort: AbortSignal | None, description: str
             traceback.clear_frames(link.__traceback__)  # the running frames are skipped
             chain += (link.__cause__, link.__context__)
     if abort is not None and abort.aborted:
-        return TargetUnreachable("request aborted")
-    return TargetUnreachable(description)
+        return TargetLost("request aborted")
+    return error
 
 
-def _describe(exc: BaseException, url: str) -> str:
+def _never_connected(exc: BaseException) -> bool:
+    """Whether the failure happened before a connection existed (refused, no route,
+    name not found, connect timeout): then the target cannot have seen the request."""
+    pending: list[Any] = [exc]
+    seen: set[int] = set()
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        if isinstance(link, (ConnectTimeoutError, requests.ConnectTimeout)):
+            return True  # urllib3's NewConnectionError and NameResolutionError are these
+        pending += [getattr(link, "reason", None), link.__cause__, link.__context__,
+                    *(arg for arg in getattr(link, "args", ()) if isinstance(arg, BaseException))]
+    return False
+
+
+def _classify(exc: BaseException, url: str) -> TargetTransportError:
+    if _never_connected(exc):
+        if isinstance(exc, requests.Timeout):
+            return TargetUnreachable(f"ollama at {url} did not accept a connection in time")
+        return TargetUnreachable(f"cannot reach ollama at {url}")
     if isinstance(exc, requests.Timeout):
-        return f"ollama at {url} timed out"
-    return f"cannot reach ollama at {url}"
+        return TargetLost(f"ollama at {url} timed out", timed_out=True)
+    return TargetLost(f"ollama at {url} dropped the connection before answering")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from .errors import TargetHTTPError, TargetUnreachable
+from .errors import TargetBadAnswer, TargetHTTPError, TargetTransportError
 from .target import TargetClient
 
 log = logging.getLogger("foreman.warmup")
@@ -50,10 +50,10 @@ class EmbedderWarmer:
         payload = {"model": self.model, "input": [], "keep_alive": -1}
         try:
             self._client.call("POST", "/api/embed", payload)
-        except TargetUnreachable as exc:
+        except TargetTransportError as exc:
             log.info("embedder warm-up of %s postponed: %s", self.model, exc)
             return False
-        except TargetHTTPError as exc:
+        except (TargetHTTPError, TargetBadAnswer) as exc:
             log.error("embedder warm-up of %s refused by the target: %s", self.model, exc)
             return False
         log.info("embedder %s loaded with keep_alive -1", self.model)

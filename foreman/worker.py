@@ -1,15 +1,19 @@
 """Runs queued jobs against the target, as soon as the GPU is free and the target is up.
 
-Generation workers (one per chat-slot place) queue for the chat slot behind
-every interactive request and claim the best job only once they hold the
-slot, so the job that runs is the best one at that moment and the gap from
-one job to the next is a claim, not a poll.  Embed jobs skip the slot.
+Workers queue in a lane behind every interactive request (generation workers
+in the chat slot, one per place; embed workers in the embed lane) and claim
+the best job only once they hold a place, so the job that runs is the best
+one at that moment and the gap from one job to the next is a claim, not a poll.
 
-Outcomes: a target 4xx fails the job with the target's error; a 5xx is
-retried with backoff until `max_attempts`; a target that cannot be reached
-puts the job back without spending an attempt, and workers wait for the
-inventory to see the target again.  A cancelled running job has its upstream
-request aborted.  Finished jobs go to the webhook notifier.
+Every exception on a job's path ends in a state change.  A target 4xx fails
+the job with the target's error.  A target that cannot be reached at all puts
+the job back without spending an attempt, and workers wait for the inventory
+to see the target again.  Anything else once the target took the work (a
+5xx, a timeout, a dropped connection, an answer that is not Ollama's, a fault
+of foreman's own) spends an attempt: retried with backoff until
+`max_attempts`, then failed with an error that says what happened.  A
+cancelled running job has its upstream request aborted.  Finished jobs go to
+the webhook notifier.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TargetHTTPError, TargetUnreachable
+from .errors import TargetBadAnswer, TargetHTTPError, TargetLost, TargetUnreachable
 from .inventory import Inventory
+from .lane import BATCH, Lane, WaitCancelled, Work
 from .metrics import Metrics
-from .slot import BATCH, ChatSlot, WaitCancelled, Work
 from .store import EMBED_KINDS, GENERATION_KINDS, Job, JobStore, StoreUnavailable
 from .target import AbortSignal, TargetClient
 
@@ -53,7 +57,8 @@ class JobWorker:
         self,
         store: JobStore,
         client: TargetClient,
-        slot: ChatSlot,
+        chat_lane: Lane,
+        embed_lane: Lane,
         inventory: Inventory,
         notify: Callable[[Job], None],
         metrics: Metrics,
@@ -63,17 +68,17 @@ class JobWorker:
         max_attempts: int = 3,
         retention: float = 7 * 86400.0,
     ) -> None:
-        self._store, self._client, self._slot = store, client, slot
+        self._store, self._client = store, client
         self._inventory, self._notify, self._metrics = inventory, notify, metrics
         self._max_attempts, self._retention = max_attempts, retention
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._running: dict[str, Running] = {}
         self._threads = [
-            *(threading.Thread(target=self._loop, args=(GENERATION_KINDS, True),
+            *(threading.Thread(target=self._loop, args=(GENERATION_KINDS, chat_lane),
                                name=f"foreman-job-gen-{i}", daemon=True)
               for i in range(generation_workers)),
-            *(threading.Thread(target=self._loop, args=(EMBED_KINDS, False),
+            *(threading.Thread(target=self._loop, args=(EMBED_KINDS, embed_lane),
                                name=f"foreman-job-embed-{i}", daemon=True)
               for i in range(embed_workers)),
             threading.Thread(target=self._maintain, name="foreman-job-maint", daemon=True),
@@ -134,10 +139,10 @@ class JobWorker:
         if not self._stop.is_set():
             self._store.wait_for_change(seen, timeout)
 
-    def _loop(self, kinds: tuple[str, ...], through_slot: bool) -> None:
+    def _loop(self, kinds: tuple[str, ...], lane: Lane) -> None:
         while not self._stop.is_set():
             try:
-                self._step(kinds, through_slot)
+                self._step(kinds, lane)
             except StoreUnavailable as exc:
                 log.error("job store unavailable, retrying: %s", exc.message)
                 self._stop.wait(OUTAGE_RETRY_SECONDS)
@@ -145,7 +150,7 @@ class JobWorker:
                 log.exception("job worker error")
                 self._stop.wait(OUTAGE_RETRY_SECONDS)
 
-    def _step(self, kinds: tuple[str, ...], through_slot: bool) -> None:
+    def _step(self, kinds: tuple[str, ...], lane: Lane) -> None:
         seen = self._store.version
         if self._inventory.snapshot.degraded and self._inventory.snapshot.last_attempt:
             # Jobs wait for the target instead of failing against it.
@@ -157,25 +162,20 @@ class JobWorker:
             wait = 1.0 if ready_at is None else max(0.0, min(1.0, ready_at - time.time()))
             self._wait(seen, wait)
             return
-        if not through_slot:
-            job = self._store.claim(kinds)
-            if job is not None:
-                self._run(job)
-            return
         work = Work(kind="job", model=head.model, tier=BATCH, priority=head.priority,
                     label=head.id, resident=self._inventory.is_loaded(head.model))
         try:
-            lease = self._slot.acquire(work)
+            ticket = lane.acquire(work)
         except WaitCancelled:
             return  # shutting down
         try:
             job = self._store.claim(kinds) if not self._stop.is_set() else None
             if job is not None:
-                lease.work.label, lease.work.model = job.id, job.model
-                lease.work.resident = self._inventory.is_loaded(job.model)
-                self._run(job)
+                work.label, work.model = job.id, job.model
+                work.resident = self._inventory.is_loaded(job.model)
+                work.answered = self._run(job)
         finally:
-            lease.release()
+            ticket.release()
 
     def _maintain(self) -> None:
         while True:
@@ -190,7 +190,8 @@ class JobWorker:
 
     # -- one job ------------------------------------------------------------------
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> bool:
+        """Run one claimed job to a new state; returns whether the target answered it."""
         item = Running(job, AbortSignal())
         with self._lock:
             self._running[job.id] = item
@@ -198,47 +199,67 @@ class JobWorker:
         try:
             result_json = (self._generate(item) if job.kind in GENERATION_KINDS
                            else self._embed(item))
-        except TargetHTTPError as exc:
-            self._failed_attempt(job, exc)
-        except TargetUnreachable as exc:
-            if item.abort.aborted and not self._stop.is_set():
-                return  # cancelled: the store already says so
-            self._inventory.poll_soon()
-            log.info("job %s waits for the target: %s", job.id, exc)
-            self._store.requeue(job, OUTAGE_RETRY_SECONDS, spend_attempt=False, error=str(exc))
+        except Exception as exc:  # every way out of a run ends in a state change
+            self._after_failure(item, exc)
+            return False
         else:
-            self._settle(job, "succeeded", result_json=result_json)
+            self._record(job, "succeeded", lambda: self._finish(job, "succeeded",
+                                                                result_json=result_json))
+            return True
         finally:
             self._metrics.observe_job_run(time.monotonic() - started)
             self._metrics.add_chunks(len(item.pieces))
             with self._lock:
                 self._running.pop(job.id, None)
 
-    def _failed_attempt(self, job: Job, exc: TargetHTTPError) -> None:
-        if exc.status < 500:
-            self._settle(job, "failed", error=exc.message)
-        elif job.attempts >= self._max_attempts:
-            self._settle(job, "failed", error=f"{exc.message} (after {job.attempts} attempts)")
-        else:
-            log.info("job %s attempt %d failed (%s); retrying", job.id, job.attempts, exc)
-            self._store.requeue(job, retry_delay(job.attempts), spend_attempt=True,
-                                error=exc.message)
+    def _after_failure(self, item: Running, exc: Exception) -> None:
+        job = item.job
+        if item.abort.aborted:
+            if not self._stop.is_set():
+                return  # cancelled: the store already says so
+            # Cut by the shutdown: the next start runs it again, at no cost.
+            self._record(job, "queued", lambda: self._store.requeue(
+                job, 0.0, spend_attempt=False, error="interrupted by a shutdown"))
+            return
+        if isinstance(exc, TargetUnreachable):
+            self._inventory.poll_soon()
+            log.info("job %s waits for the target: %s", job.id, exc)
+            self._record(job, "queued", lambda: self._store.requeue(
+                job, OUTAGE_RETRY_SECONDS, spend_attempt=False, error=str(exc)))
+            return
+        if isinstance(exc, TargetHTTPError) and exc.status < 500:
+            self._record(job, "failed", lambda: self._finish(job, "failed", error=exc.message))
+            return
+        error = _describe_failure(exc)
+        if not isinstance(exc, (TargetHTTPError, TargetLost, TargetBadAnswer)):
+            log.error("job %s failed inside foreman", job.id, exc_info=exc)
+        if job.attempts >= self._max_attempts:
+            final = f"{error} (after {job.attempts} attempts)"
+            self._record(job, "failed", lambda: self._finish(job, "failed", error=final))
+            return
+        log.info("job %s attempt %d failed (%s); retrying", job.id, job.attempts, error)
+        self._record(job, "queued", lambda: self._store.requeue(
+            job, retry_delay(job.attempts), spend_attempt=True, error=error))
 
-    def _settle(self, job: Job, status: str, result_json: str | None = None,
+    def _finish(self, job: Job, status: str, result_json: str | None = None,
                 error: str | None = None) -> None:
-        """Record the outcome, retrying while the store cannot be written: the result
-        exists only in memory, and a job left `running` would wait for a restart."""
+        finished = self._store.finish(job, status, result_json, error)
+        if finished is not None:
+            self._notify(finished)
+
+    def _record(self, job: Job, status: str, write: Callable[[], Any]) -> None:
+        """Write a job's new state, retrying while the store cannot be written: a
+        result exists only in memory, and a job left `running` would wait for a
+        restart.  Only a shutdown ends the retries (the next start recovers it)."""
         delay = OUTAGE_RETRY_SECONDS
         while True:
             try:
-                finished = self._store.finish(job, status, result_json, error)
-                if finished is not None:
-                    self._notify(finished)
+                write()
                 return
             except StoreUnavailable as exc:
                 log.error("cannot record job %s as %s yet: %s", job.id, status, exc.message)
                 if self._stop.wait(delay):
-                    return  # left running: recovered as an orphan at the next start
+                    return
                 delay = min(30.0, delay * 2)
 
     def _embed(self, item: Running) -> str:
@@ -260,7 +281,7 @@ class JobWorker:
             final: dict[str, Any] | None = None
             assembled = _Assembly(job.kind)
             for line in upstream.lines():
-                chunk = json.loads(line)
+                chunk = _stream_chunk(line)
                 if "error" in chunk:
                     raise TargetHTTPError(500, line, "application/json")
                 piece = assembled.add(chunk)
@@ -269,10 +290,31 @@ class JobWorker:
                 if chunk.get("done"):
                     final = chunk
             if final is None:
-                raise TargetUnreachable("the stream ended before its final message")
+                raise TargetLost("the stream ended before its final message")
             return json.dumps(assembled.result(final))
         finally:
             upstream.close()
+
+
+def _stream_chunk(line: bytes) -> dict[str, Any]:
+    """One NDJSON line of a generation, or TargetBadAnswer if it is not an object."""
+    try:
+        chunk = json.loads(line)
+    except ValueError:  # UnicodeDecodeError included
+        raise TargetBadAnswer(f"a stream line that is not JSON: {line[:80]!r}") from None
+    if not isinstance(chunk, dict):
+        raise TargetBadAnswer(f"a stream line that is not a JSON object: {line[:80]!r}")
+    return chunk
+
+
+def _describe_failure(exc: Exception) -> str:
+    if isinstance(exc, TargetHTTPError):
+        return exc.message
+    if isinstance(exc, TargetLost):
+        return f"ollama failed mid-request: {exc}"
+    if isinstance(exc, TargetBadAnswer):
+        return f"ollama answered badly: {exc}"
+    return f"internal error in foreman: {type(exc).__name__}: {exc}"
 
 
 class _Assembly:

@@ -66,7 +66,7 @@ class Received:
 class Fault:
     """One queued misbehaviour for the next request to a route."""
 
-    kind: str  # status | garbage | hang | die_after | error_after | truncate_after
+    kind: str  # status | garbage | hang | die_after | error_after | truncate_after | line_after
     status: int = 500
     body: bytes = b'{"error":"something went wrong"}'
     ctype: str = "application/json; charset=utf-8"
@@ -458,7 +458,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._start_stream()
         for i in range(count):
             breaks_here = fault is not None and i == fault.after
-            if breaks_here and fault.kind in ("die_after", "error_after", "truncate_after"):
+            if breaks_here and fault.kind == "line_after":
+                self._chunk(fault.body + b"\n")  # a line Ollama would never send
+            elif breaks_here and fault.kind in ("die_after", "error_after", "truncate_after"):
                 if fault.kind == "error_after":
                     self._chunk(b'{"error":"an error was encountered while running the model"}\n')
                     self._end_stream()

@@ -34,7 +34,7 @@ def test_check_prints_resolved_settings_with_secrets_redacted(tmp_path: Path) ->
     assert "hunter2" not in result.stdout and "sesame" not in result.stdout
     assert ":pw@" not in result.stdout
     assert "token: <redacted>" in result.stdout
-    assert "threads: 81" in result.stdout
+    assert "threads: 145" in result.stdout
 
 
 def test_check_with_a_typo_exits_2_naming_the_key(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ def test_defaults_without_a_file() -> None:
     assert config.target.read_timeout == 600
     assert config.chat.concurrency == 1 and config.chat.max_queue == 64
     assert config.server.max_body == 64 * 1024**2
-    assert config.threads == 64 + 1 + 16
+    assert config.threads == 64 + 1 + 64 + 0 + 16
 
 
 def test_example_config_is_valid_and_matches_the_defaults() -> None:
@@ -119,5 +119,5 @@ def test_redacted_hides_secrets_and_resolves_threads() -> None:
     shown = config.redacted()
     assert shown["token"] == "<redacted>" and shown["target"]["token"] == "<redacted>"
     assert "pw" not in shown["target"]["url"] and "gpu:11434" in shown["target"]["url"]
-    assert shown["server"]["threads"] == config.threads == 81
+    assert shown["server"]["threads"] == config.threads == 81 + 64  # both lanes waiting
     assert parse_config({"server": {"threads": 7}}).threads == 7

@@ -23,18 +23,20 @@ CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def slot_is_free_and_serving(daemon: Daemon) -> None:
-    assert daemon.slot.wait_for(lambda s: s.in_flight == 0 and s.waiting == 0, 5)
+    assert daemon.chat_lane.wait_for(lambda s: s.in_flight == 0 and s.waiting == 0, 5)
     after = requests.post(daemon.url + "/api/chat", json={**CHAT, "stream": False}, timeout=10)
     assert after.status_code == 200, after.text
 
 
-def test_a_target_that_never_answers_times_out_with_a_502(make_foreman: Callable[..., Daemon],
+def test_a_target_that_never_answers_times_out_with_a_504(make_foreman: Callable[..., Daemon],
                                                           fake: FakeOllama) -> None:
+    """It took the request and went silent: a gateway timeout, not "unreachable"."""
     daemon = make_foreman(target={"read_timeout": "500ms"})
     fake.fault("/api/chat", Fault("hang", seconds=5))
     response = requests.post(daemon.url + "/api/chat", json=CHAT, timeout=10)
-    assert response.status_code == 502
-    assert response.json()["error"] == (f"ollama is unreachable: ollama at {fake.url} timed out")
+    assert response.status_code == 504
+    assert response.json()["error"] == (f"ollama stopped responding: ollama at {fake.url}"
+                                        " timed out")
     slot_is_free_and_serving(daemon)
 
 

@@ -88,4 +88,4 @@ def test_no_input_gets_a_500_or_a_non_json_error(fuzz_target: Daemon, method: st
 def test_still_healthy_after_the_fuzzing(fuzz_target: Daemon) -> None:
     health = raw_request(fuzz_target.url, "GET", "/healthz").json()
     assert health["status"] == "ok" and health["degraded"] is False
-    assert fuzz_target.slot.wait_for(lambda s: s.in_flight == 0 and s.waiting == 0, 10)
+    assert fuzz_target.chat_lane.wait_for(lambda s: s.in_flight == 0 and s.waiting == 0, 10)

@@ -109,11 +109,11 @@ def leaves_while_waiting(daemon: Daemon, fake: FakeOllama) -> None:
     holder = ChunkReader(daemon.url, "POST", "/api/chat", json.dumps(
         {**CHAT, "stream": True, "options": {"num_predict": 50}}).encode(), timeout=10)
     try:
-        assert daemon.slot.wait_for(lambda s: s.in_flight == 1, 5)
+        assert daemon.chat_lane.wait_for(lambda s: s.in_flight == 1, 5)
         waiter = send_only(daemon.url, "/api/chat", json.dumps(CHAT).encode())
-        assert daemon.slot.wait_for(lambda s: s.waiting == 1, 5)
+        assert daemon.chat_lane.wait_for(lambda s: s.waiting == 1, 5)
         waiter.close()
-        assert daemon.slot.wait_for(lambda s: s.waiting == 0, 5)
+        assert daemon.chat_lane.wait_for(lambda s: s.waiting == 0, 5)
     finally:
         holder.close()
         fake.token_delay = 0.0

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from foreman.daemon import Daemon
+from foreman.store import StoreUnavailable
 from tests.fake_ollama import FakeOllama, Fault, embedding_for
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
@@ -141,7 +142,7 @@ def hold_slot(daemon: Daemon, fake: FakeOllama, seconds: float = 30) -> threadin
     thread = threading.Thread(target=lambda: requests.post(
         daemon.url + "/api/chat", json=CHAT, timeout=60))
     thread.start()
-    assert daemon.slot.wait_for(lambda s: s.in_flight == 1, 5)
+    assert daemon.chat_lane.wait_for(lambda s: s.in_flight == 1, 5)
     assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 1)
     return thread
 
@@ -177,7 +178,7 @@ def test_an_interactive_chat_overtakes_queued_jobs(foreman: Daemon, fake: FakeOl
         foreman.url + "/api/chat", timeout=20,
         json={**CHAT, "stream": False, "options": {"tag": "interactive"}})))
     interactive.start()
-    assert foreman.slot.wait_for(lambda s: s.waiting == 1, 5)
+    assert foreman.chat_lane.wait_for(lambda s: s.waiting == 1, 5)
     fake.release.set()
     interactive.join(20)
     assert answers[0].status_code == 200
@@ -206,7 +207,7 @@ def test_cancel_running_aborts_the_upstream(foreman: Daemon, fake: FakeOllama) -
     assert fake.wait_for(lambda: "/api/chat" in fake.stats.gone, 3)
     final = wait_job(foreman, job_id, 2)
     assert final["status"] == "cancelled" and final["error"] == "cancelled by request"
-    assert foreman.slot.wait_for(lambda s: s.in_flight == 0, 3)
+    assert foreman.chat_lane.wait_for(lambda s: s.in_flight == 0, 3)
 
 
 def test_jobs_wait_while_the_target_is_down_and_finish_after(
@@ -292,3 +293,89 @@ def test_long_poll_returns_when_the_job_ends(foreman: Daemon, fake: FakeOllama) 
     assert done["status"] == "succeeded"
     quick = requests.get(f"{foreman.url}/jobs/{job_id}?wait=0", timeout=5)
     assert quick.status_code == 200
+
+
+@pytest.mark.parametrize("line", [b"<html>oops</html>", b'{"message": "\xff\xfe broken"}',
+                                  b"[1, 2]"])
+def test_a_stream_line_ollama_never_sends_fails_the_job_not_strands_it(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama, hook: Hook,
+        monkeypatch: pytest.MonkeyPatch, line: bytes) -> None:
+    """Regression (issue 13.1): a non-JSON or invalid UTF-8 line left the job `running`
+    until a restart, with no retry and no webhook."""
+    monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
+    daemon = make_foreman(jobs={"max_attempts": 2})
+    for _ in range(2):
+        fake.fault("/api/chat", Fault("line_after", after=1, body=line))
+    job_id = submit(daemon, "chat", CHAT, webhook=hook.url).json()["id"]
+    done = wait_job(daemon, job_id)
+    assert done["status"] == "failed" and done["attempts"] == 2
+    assert done["error"].startswith("ollama answered badly: a stream line that is not")
+    assert done["error"].endswith("(after 2 attempts)")
+    with hook.cond:  # the receiver fails its first delivery; the retry arrives
+        assert hook.cond.wait_for(lambda: len(hook.received) == 2, 10)
+    assert hook.received[-1]["status"] == "failed"
+
+
+def test_a_job_that_keeps_breaking_the_target_spends_its_attempts(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 13.2): a connection lost after the target accepted the work was
+    taken for an outage and requeued for free: 8 cuts gave 9 target requests and
+    attempts=1.  Once the target took the work, a failure spends an attempt."""
+    monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
+    daemon = make_foreman(jobs={"max_attempts": 3})
+    for _ in range(8):
+        fake.fault("/api/chat", Fault("die_after", after=1))
+    done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
+    assert done["status"] == "failed" and done["attempts"] == 3
+    assert done["error"] == ("ollama failed mid-request: connection to ollama lost"
+                             " mid-response (ChunkedEncodingError) (after 3 attempts)")
+    assert len(fake.requests_to("/api/chat")) == 3
+
+
+def test_a_timeout_after_the_target_took_the_work_spends_an_attempt(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
+    daemon = make_foreman(target={"read_timeout": "300ms"}, jobs={"max_attempts": 2})
+    for _ in range(2):
+        fake.fault("/api/chat", Fault("hang", seconds=3))
+    done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
+    assert done["status"] == "failed" and done["attempts"] == 2
+    assert done["error"] == (f"ollama failed mid-request: ollama at {fake.url} timed out"
+                             " (after 2 attempts)")
+
+
+def test_a_refused_connection_waits_without_spending_attempts(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama) -> None:
+    daemon = make_foreman(jobs={"max_attempts": 1})
+    fake.stop()
+    assert daemon.inventory.wait_for(lambda s: s.degraded, 5)
+    job_id = submit(daemon, "chat", CHAT).json()["id"]
+    fake.start()
+    done = wait_job(daemon, job_id)
+    assert done["status"] == "succeeded" and done["attempts"] == 1
+
+
+def test_a_locked_store_at_requeue_is_retried_not_left_running(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 13.1): a requeue that met a locked store was not retried, so the
+    job stayed `running` with no worker on it."""
+    monkeypatch.setattr("foreman.worker.OUTAGE_RETRY_SECONDS", 0.05)
+    monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
+    daemon = make_foreman()
+    store = daemon.store
+    real_requeue, failures = store.requeue, []
+
+    def locked_twice(*args: object, **kwargs: object) -> bool:
+        if len(failures) < 2:
+            failures.append(1)
+            raise StoreUnavailable("database is locked")
+        return real_requeue(*args, **kwargs)
+
+    monkeypatch.setattr(store, "requeue", locked_twice)
+    fake.fault("/api/chat", Fault("status", status=500, body=b'{"error":"runner died"}'))
+    done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
+    assert len(failures) == 2
+    assert done["status"] == "succeeded" and done["attempts"] == 2

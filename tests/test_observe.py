@@ -38,7 +38,7 @@ def test_queue_shows_running_and_waiting_with_estimates_once_there_is_history(
     fake.token_delay = 0.01
     assert requests.post(foreman.url + "/api/chat", json={**CHAT, "stream": False},
                          timeout=10).status_code == 200
-    assert foreman.slot.wait_for(lambda s: s.in_flight == 0, 5)
+    assert foreman.chat_lane.wait_for(lambda s: s.in_flight == 0, 5)
     fake.fault("/api/chat", Fault("hang"))
     first = requests.post(foreman.url + "/jobs", json={"kind": "chat", "request": CHAT},
                           timeout=5).json()["id"]
@@ -48,7 +48,7 @@ def test_queue_shows_running_and_waiting_with_estimates_once_there_is_history(
     waiter = threading.Thread(target=lambda: requests.post(
         foreman.url + "/api/generate", json={"model": "llama3", "prompt": "x"}, timeout=30))
     waiter.start()
-    assert foreman.slot.wait_for(lambda s: any(w.kind == "generate"
+    assert foreman.chat_lane.wait_for(lambda s: any(w.kind == "generate"
                                                for w in s.snapshot()[1]), 5)
     view = requests.get(foreman.url + "/queue", timeout=5).json()
     assert view["concurrency"] == 1

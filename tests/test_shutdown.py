@@ -29,7 +29,7 @@ def test_shutdown_finishes_the_stream_refuses_waiters_and_new_connections(
     waiting = threading.Thread(target=lambda: waiter.append(
         requests.post(foreman.url + "/api/chat", data=CHAT, timeout=10)))
     waiting.start()
-    assert foreman.slot.wait_for(lambda s: s.waiting == 1, 5)
+    assert foreman.chat_lane.wait_for(lambda s: s.waiting == 1, 5)
 
     drained: list[bool] = []
     stopper = threading.Thread(target=lambda: drained.append(foreman.shutdown()))

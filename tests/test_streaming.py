@@ -91,7 +91,7 @@ def test_target_unreachable_is_a_502(make_foreman: Callable[..., Daemon],
     response = requests.post(daemon.url + "/api/chat", json={"model": "llama3"}, timeout=5)
     assert response.status_code == 502
     assert response.json()["error"].startswith("ollama is unreachable: cannot reach ollama at")
-    assert daemon.slot.in_flight == 0
+    assert daemon.chat_lane.in_flight == 0
 
 
 def test_target_dying_mid_stream_ends_with_an_error_line(foreman: Daemon,
@@ -104,7 +104,7 @@ def test_target_dying_mid_stream_ends_with_an_error_line(foreman: Daemon,
     assert [json.loads(x)["response"] for x in lines[:2]] == ["tok0 ", "tok1 "]
     assert len(lines) == 3
     assert "connection to ollama lost" in json.loads(lines[2])["error"]
-    assert foreman.slot.wait_for(lambda s: s.in_flight == 0, 2)
+    assert foreman.chat_lane.wait_for(lambda s: s.in_flight == 0, 2)
 
 
 def test_ollama_error_line_mid_stream_is_relayed(foreman: Daemon, fake: FakeOllama) -> None:

@@ -1,17 +1,28 @@
-"""The chat slot alone: order, tiers, limits, cancellation, release exactly once."""
+"""A lane alone: order, tiers, limits, cancellation, release exactly once."""
 
 from __future__ import annotations
 
+import sys
 import threading
+from collections.abc import Iterator
 
 import pytest
 
 from foreman.errors import ApiError
-from foreman.slot import BATCH, BUSY_TEXT, ChatSlot, QueueFull, WaitCancelled, WaitTimeout, Work
+from foreman.lane import (
+    BATCH,
+    BUSY_TEXT,
+    Lane,
+    QueueFull,
+    Ticket,
+    WaitCancelled,
+    WaitTimeout,
+    Work,
+)
 
 
 def test_free_slot_is_granted_at_once_and_released_once() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=4)
+    slot = Lane("chat slot", concurrency=1, max_queue=4)
     lease = slot.acquire(Work("chat", "m"))
     assert slot.in_flight == 1 and lease.waited >= 0
     lease.release()
@@ -25,7 +36,7 @@ def test_free_slot_is_granted_at_once_and_released_once() -> None:
 
 
 def test_waiters_are_served_in_arrival_order_and_interactive_first() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=10)
+    slot = Lane("chat slot", concurrency=1, max_queue=10)
     holder = slot.acquire(Work("chat", "m"))
     job_low = slot.enqueue(Work("job", "m", tier=BATCH, priority=0, label="job-low"))
     job_high = slot.enqueue(Work("job", "m", tier=BATCH, priority=5, label="job-high"))
@@ -45,7 +56,7 @@ def test_waiters_are_served_in_arrival_order_and_interactive_first() -> None:
 
 
 def test_queue_full_is_ollamas_busy_answer() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=2)
+    slot = Lane("chat slot", concurrency=1, max_queue=2)
     slot.acquire(Work("chat", "m"))
     slot.enqueue(Work("chat", "m"))
     slot.enqueue(Work("chat", "m"))
@@ -57,7 +68,7 @@ def test_queue_full_is_ollamas_busy_answer() -> None:
 
 
 def test_max_queue_zero_still_allows_the_free_slot() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=0)
+    slot = Lane("chat slot", concurrency=1, max_queue=0)
     lease = slot.acquire(Work("chat", "m"))
     with pytest.raises(QueueFull):
         slot.enqueue(Work("chat", "m"))
@@ -65,7 +76,7 @@ def test_max_queue_zero_still_allows_the_free_slot() -> None:
 
 
 def test_wait_timeout_leaves_the_line() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=2)
+    slot = Lane("chat slot", concurrency=1, max_queue=2)
     slot.acquire(Work("chat", "m"))
     with pytest.raises(WaitTimeout) as timed_out:
         slot.enqueue(Work("chat", "m")).wait(0.05)
@@ -73,7 +84,7 @@ def test_wait_timeout_leaves_the_line() -> None:
 
 
 def test_cancel_from_another_thread_wakes_the_waiter() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=2)
+    slot = Lane("chat slot", concurrency=1, max_queue=2)
     slot.acquire(Work("chat", "m"))
     ticket = slot.enqueue(Work("chat", "m"))
     outcome: list[BaseException] = []
@@ -93,7 +104,7 @@ def test_cancel_from_another_thread_wakes_the_waiter() -> None:
 
 
 def test_cancel_after_grant_keeps_the_lease() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=2)
+    slot = Lane("chat slot", concurrency=1, max_queue=2)
     ticket = slot.enqueue(Work("chat", "m"))
     ticket.cancel("late")
     lease = ticket.wait(0)
@@ -103,7 +114,7 @@ def test_cancel_after_grant_keeps_the_lease() -> None:
 
 
 def test_close_cancels_waiters_and_refuses_newcomers() -> None:
-    slot = ChatSlot(concurrency=1, max_queue=2)
+    slot = Lane("chat slot", concurrency=1, max_queue=2)
     holder = slot.acquire(Work("chat", "m"))
     ticket = slot.enqueue(Work("chat", "m"))
     slot.close("foreman is shutting down")
@@ -116,10 +127,70 @@ def test_close_cancels_waiters_and_refuses_newcomers() -> None:
 
 
 def test_concurrency_two_runs_two() -> None:
-    slot = ChatSlot(concurrency=2, max_queue=2)
+    slot = Lane("chat slot", concurrency=2, max_queue=2)
     a, b = slot.acquire(Work("chat", "m")), slot.acquire(Work("chat", "m"))
     third = slot.enqueue(Work("chat", "m"))
     assert slot.in_flight == 2 and slot.waiting == 1
     a.release()
     third.wait(1).release()
     b.release()
+
+
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    """Switch threads every microsecond, so a race window of a few bytecodes is hit."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def test_close_racing_waits_that_time_out_gives_only_lane_answers(
+        switch_often: None) -> None:
+    """Regression (issue 13.16): close() marked waiters cancelled outside its lock, so a
+    wait that timed out in that window raised ValueError (a 500) instead of a 503."""
+    odd: list[BaseException] = []
+    for _ in range(100):
+        lane = Lane("chat slot", concurrency=1, max_queue=50)
+        lane.acquire(Work("chat", "m"))
+        tickets = [lane.enqueue(Work("chat", "m")) for _ in range(40)]
+        go = threading.Barrier(len(tickets) + 1)
+
+        def wait(ticket: Ticket, go: threading.Barrier = go) -> None:
+            go.wait()
+            try:
+                ticket.wait(0)
+            except (WaitTimeout, WaitCancelled):
+                pass
+            except Exception as exc:  # anything else is the bug
+                odd.append(exc)
+
+        waiters = [threading.Thread(target=wait, args=(t,)) for t in tickets]
+        for waiter in waiters:
+            waiter.start()
+        go.wait()
+        lane.close("foreman is shutting down")
+        for waiter in waiters:
+            waiter.join(5)
+        assert lane.waiting == 0
+    assert not odd, odd[:3]
+
+
+def test_unlimited_concurrency_never_queues() -> None:
+    lane = Lane("embed lane", concurrency=0, max_queue=0)
+    tickets = [lane.acquire(Work("embed", "m")) for _ in range(100)]
+    assert lane.in_flight == 100 and lane.waiting == 0
+    for ticket in tickets:
+        ticket.release()
+    assert lane.in_flight == 0
+
+
+def test_only_answered_work_is_reported_on_release() -> None:
+    heard: list[str] = []
+    lane = Lane("chat slot", 1, 4, on_release=lambda work, held: heard.append(work.label))
+    for label, answered in (("refused", False), ("answered", True), ("left", False)):
+        ticket = lane.acquire(Work("chat", "m", label=label))
+        ticket.work.answered = answered
+        ticket.release()
+        ticket.release()
+    assert heard == ["answered"]
