@@ -1,7 +1,8 @@
 """The command line: serve, check a config, or talk to a running daemon's jobs.
 
 `python foreman.py -c config.yaml` serves until SIGTERM or SIGINT, then
-drains.  `--check` validates the config and prints it with secrets redacted.
+drains; a second signal exits at once.  `--check` validates the config and
+prints it with secrets redacted.
 `jobs ...` talks to a running daemon's job queue (see jobs_cli).
 A config problem is one line on stderr and exit status 2, before any port is
 bound.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,9 +25,10 @@ from .config import Config, ConfigError, load_config
 from .daemon import build_daemon
 from .jobs_cli import add_jobs_parser, run_jobs
 from .logs import configure_logging
-from .store import StoreCorrupt
+from .store import StoreCorrupt, StoreInUse
 
 EXIT_CONFIG = 2
+EXIT_SECOND_SIGNAL = 130
 
 log = logging.getLogger("foreman")
 
@@ -61,7 +64,7 @@ def serve(config: Config) -> int:
     configure_logging(config.log.level, config.log.format)
     try:
         daemon = build_daemon(config)
-    except StoreCorrupt as exc:
+    except (StoreCorrupt, StoreInUse) as exc:
         print(f"foreman: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except OSError as exc:
@@ -70,7 +73,12 @@ def serve(config: Config) -> int:
     stop = threading.Event()
 
     def request_stop(signum: int, frame: object) -> None:
-        log.info("received %s: draining", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            # A second signal means "now": every accepted job is already on disk.
+            log.warning("received %s again: exiting without draining", name)
+            os._exit(EXIT_SECOND_SIGNAL)
+        log.info("received %s: draining (send it again to exit at once)", name)
         stop.set()
 
     signal.signal(signal.SIGTERM, request_stop)

@@ -49,6 +49,7 @@ class Daemon:
     notifier: WebhookNotifier
     app: ForemanApp
     server: Server
+    draining: threading.Event
     _stopped: bool = dataclasses.field(default=False, init=False)
 
     @property
@@ -77,7 +78,8 @@ class Daemon:
         drain = self.config.server.drain_timeout if drain_timeout is None else drain_timeout
         deadline = time.monotonic() + drain
         self.server.stop_accepting()
-        self.worker.stop_claiming()
+        self.draining.set()
+        self.worker.stop_claiming()  # also wakes the long-polls to see `draining`
         self.chat_lane.close("foreman is shutting down")
         self.embed_lane.close("foreman is shutting down")
         drained = self.app.wait_idle(drain)
@@ -126,7 +128,7 @@ def build_daemon(config: Config) -> Daemon:
         max_wait=config.chat.max_wait,
         allow_admin=config.target.allow_admin,
     )
-    store = JobStore(config.jobs.db)
+    store = JobStore(config.jobs.db, exclusive=True)
     notifier = WebhookNotifier(render_job)
     worker = JobWorker(
         store, client, chat_lane, embed_lane, inventory, notifier.notify, metrics,
@@ -136,7 +138,8 @@ def build_daemon(config: Config) -> Daemon:
         retention=config.jobs.retention,
     )
     queue = QueueView(chat_lane, store, worker, inventory, estimator)
-    jobs = JobsApi(store, worker, inventory, queue, notifier.notify, budget)
+    draining = threading.Event()
+    jobs = JobsApi(store, worker, inventory, queue, notifier.notify, budget, draining)
     observe = ObserveApi(queue, metrics)
     register_gauges(metrics, chat_lane, embed_lane, inventory, store)
     public = {api.health, observe.status}
@@ -146,4 +149,4 @@ def build_daemon(config: Config) -> Daemon:
                      config.server.max_body, metrics)
     server = Server(app, config.listen.host, config.listen.port, threads, config.server.max_body)
     return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, warmer, store,
-                  worker, notifier, app, server)
+                  worker, notifier, app, server, draining)

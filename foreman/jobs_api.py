@@ -3,7 +3,8 @@
 `POST /jobs` answers 202 only after the job is committed to disk; an
 `Idempotency-Key` makes a retried submit return the same job.  `GET
 /jobs/<id>?wait=N` holds the request (up to 60 s) until the job ends, waking
-on every store change.  Listing is newest first with an opaque cursor.
+on every store change, and answers at once when foreman starts to drain.
+Listing is newest first with an opaque cursor.
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def _is_http_url(value: str) -> bool:
 class JobsApi:
     def __init__(self, store: JobStore, worker: JobWorker, inventory: Inventory,
                  queue: QueueView, notify: Any, budget: ParseBudget,
-                 max_long_polls: int = 8) -> None:
+                 draining: threading.Event, max_long_polls: int = 8) -> None:
         self._store, self._worker, self._inventory = store, worker, inventory
         self._budget = budget
+        self._draining = draining  # set when shutdown starts: long-polls answer at once
         self._queue = queue
         self._notify = notify
         # Each long-poll holds a server thread: bound them so they cannot starve the rest.
@@ -129,7 +131,7 @@ class JobsApi:
     def _hold(self, job: Job, wait: float, gone: Any) -> Job:
         deadline = time.monotonic() + wait
         seen = self._store.version
-        while not job.finished and not gone():
+        while not job.finished and not gone() and not self._draining.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 break

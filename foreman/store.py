@@ -2,17 +2,24 @@
 
 A job is accepted only once its row is committed with `synchronous=FULL`, so
 a `kill -9` at any moment loses nothing that was answered 202.  Every write
-runs in `BEGIN IMMEDIATE` behind one lock; every state change after the claim
-is a compare-and-set on (id, status, attempts), so a worker whose job was
-cancelled, or re-claimed after a restart, can never overwrite the newer state.
-Rows found `running` when the store opens are orphans of a crash: they go back
-to the queue, or fail once their attempts are spent.
+runs in `BEGIN IMMEDIATE` on the one writer connection, behind one lock;
+reads run on connections of their own, so in WAL mode they never wait behind a
+writer (ours, or another process holding the database's write lock).  Every
+state change after the claim is a compare-and-set on (id, status, attempts),
+so a worker whose job was cancelled, or re-claimed after a restart, can never
+overwrite the newer state.  A daemon opens its store exclusively (an OS lock
+on `<db>.lock` that dies with the process), so rows found `running` when it
+opens are orphans of a crash: they go back to the queue, or fail once their
+attempts are spent.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
+import queue
 import sqlite3
 import threading
 import time
@@ -65,6 +72,32 @@ class StoreUnavailable(ApiError):
 
 class StoreCorrupt(Exception):
     """The job database file exists but is not a usable SQLite database."""
+
+
+class StoreInUse(Exception):
+    """Another live foreman has this job store open."""
+
+
+def _lock_exclusively(path: str) -> int:
+    """Hold `<path>.lock` with an OS lock for as long as the returned descriptor is
+    open; the OS drops it when the process dies, `kill -9` included, so a stale
+    lock cannot exist.  The file is left in place: removing it would let two
+    daemons lock two different files of the same name."""
+    try:
+        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreCorrupt(f"{path}: cannot open the job database's lock file:"
+                           f" {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreInUse(f"{path}: the job store is in use by another foreman (pid {holder});"
+                         " run one daemon per job store") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _model_of(request: dict[str, Any]) -> str:
@@ -152,17 +185,22 @@ def _add_model_column(db: sqlite3.Connection) -> None:
 
 
 class JobStore:
-    def __init__(self, path: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.time,
+                 exclusive: bool = False, busy_timeout: float = 10.0) -> None:
+        """`exclusive`: this process owns the store (a daemon); another owner makes
+        this raise StoreInUse.  `busy_timeout`: how long a write waits for another
+        process's write lock before it fails with StoreUnavailable."""
         self.path = path
         self._clock = clock
+        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
         self._version = 0
+        self._owner_fd = _lock_exclusively(path) if exclusive else None
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all_readers: list[sqlite3.Connection] = []
         try:
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False,
-                                       timeout=10)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db = self._connect()
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = FULL")
             if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
@@ -170,9 +208,22 @@ class JobStore:
             self._db.executescript(_SCHEMA)
             _add_model_column(self._db)
         except sqlite3.DatabaseError as exc:
+            self._release_ownership()
             raise StoreCorrupt(f"{path}: cannot open the job database: {exc}") from None
 
     # -- plumbing ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=self._busy_timeout, uri=self.path.startswith("file:"))
+        db.row_factory = sqlite3.Row
+        db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        return db
+
+    def _release_ownership(self) -> None:
+        if self._owner_fd is not None:
+            os.close(self._owner_fd)
+            self._owner_fd = None
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -194,11 +245,22 @@ class JobStore:
             self._changed.notify_all()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        """One query on a reader connection of its own: never behind the write lock."""
+        try:
+            db = self._readers.get_nowait()
+        except queue.Empty:
             try:
-                return self._db.execute(sql, args).fetchall()
+                db = self._connect()
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(str(exc)) from None
+            with self._lock:
+                self._all_readers.append(db)
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as exc:
+            raise StoreUnavailable(str(exc)) from None
+        finally:
+            self._readers.put(db)
 
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """Block until any write after version `seen`, or timeout; return the version."""
@@ -219,6 +281,9 @@ class JobStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            for reader in self._all_readers:
+                reader.close()
+            self._release_ownership()
 
     # -- submitting and reading -------------------------------------------------
 

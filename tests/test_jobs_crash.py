@@ -90,3 +90,27 @@ def test_jobs_cli_submit_list_show_wait_cancel(fake: FakeOllama, tmp_path: Path)
     finally:
         assert daemon.terminate() == 0
     assert not any("cli-token" in line for line in daemon.log)
+
+
+def test_a_second_daemon_on_the_same_store_exits_2_naming_the_first(
+        fake: FakeOllama, tmp_path: Path) -> None:
+    """Regression (issue 13.3): the second daemon's start-up recovery requeued the first
+    one's running job, and the two ran it at once."""
+    config = config_file(tmp_path, fake)
+    first = ForemanProcess("-c", str(config))
+    try:
+        first.wait_serving()
+        second = subprocess.run([sys.executable, str(ROOT / "foreman.py"), "-c", str(config)],
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2
+        db = str(tmp_path / "jobs.db")
+        assert second.stderr.strip() == (
+            f"foreman: {db}: the job store is in use by another foreman"
+            f" (pid {first.proc.pid}); run one daemon per job store")
+    finally:
+        first.kill()  # SIGKILL: the lock must die with the process
+    third = ForemanProcess("-c", str(config))
+    try:
+        third.wait_serving()
+    finally:
+        assert third.terminate() == 0

@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from foreman.daemon import Daemon
-from tests.fake_ollama import FakeOllama
+from tests.fake_ollama import FakeOllama, Fault
 from tests.http_raw import ChunkReader
 from tests.procs import ForemanProcess
 
@@ -69,6 +69,47 @@ def test_sigterm_with_a_stream_in_flight_completes_it_and_exits_0(
         reader.close()
         assert json.loads(rest[-1])["done"] is True and len(rest) == 30
         assert proc.proc.wait(15) == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+
+
+def test_an_open_long_poll_answers_as_soon_as_the_drain_starts(
+        foreman: Daemon, fake: FakeOllama) -> None:
+    """Regression (issue 13.4): one open `?wait` held the drain for 10.3 s and it ended
+    with drained=False."""
+    fake.fault("/api/chat", Fault("hang", seconds=30))
+    job = requests.post(foreman.url + "/jobs", timeout=5, json={
+        "kind": "chat", "request": {"model": "llama3", "messages": []}}).json()
+    polled: list[requests.Response] = []
+    poller = threading.Thread(target=lambda: polled.append(requests.get(
+        f"{foreman.url}/jobs/{job['id']}?wait=60", timeout=70)))
+    poller.start()
+    assert fake.wait_for(lambda: fake.requests_to("/api/chat") != [], 5)
+    assert foreman.app.wait_idle(0.2) is False  # the long-poll is in flight
+    drained = foreman.shutdown(drain_timeout=3)
+    poller.join(5)
+    assert drained is True
+    assert polled[0].status_code == 200 and polled[0].json()["status"] == "running"
+
+
+def test_a_second_signal_exits_at_once(fake: FakeOllama, tmp_path: Path) -> None:
+    fake.token_delay = 0.5
+    fake.tokens = 100
+    config = tmp_path / "c.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n"
+                      f"jobs:\n  db: {tmp_path / 'j.db'}\nserver:\n  drain_timeout: 60s\n")
+    proc = ForemanProcess("-c", str(config))
+    try:
+        url = proc.wait_serving()
+        reader = ChunkReader(url, "POST", "/api/chat", CHAT)
+        assert reader.next_chunk() is not None
+        proc.proc.send_signal(signal.SIGINT)
+        proc.wait_for_line("draining")
+        proc.proc.send_signal(signal.SIGINT)
+        assert proc.proc.wait(5) == 130
+        assert any("exiting without draining" in line for line in proc.log)
+        reader.close()
     finally:
         if proc.proc.poll() is None:
             proc.kill()

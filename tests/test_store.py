@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import requests
 
+from foreman.daemon import Daemon
 from foreman.errors import ApiError
-from foreman.store import JobStore, StoreCorrupt, StoreUnavailable
+from foreman.store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable
 
 
 class Clock:
@@ -189,3 +194,38 @@ def test_a_database_from_before_the_model_column_is_upgraded(tmp_path: Path) -> 
     assert job is not None and job.model == "llama3"
     store.close()
     assert [(q.id, q.model) for q in JobStore(str(path)).line(("chat",))] == []
+
+
+def test_an_exclusive_store_refuses_a_second_owner_until_the_first_closes(
+        tmp_path: Path) -> None:
+    path = str(tmp_path / "jobs.db")
+    first = JobStore(path, exclusive=True)
+    with pytest.raises(StoreInUse, match=rf"in use by another foreman \(pid {os.getpid()}\)"):
+        JobStore(path, exclusive=True)
+    JobStore(path).close()  # a reader that does not own the store is fine
+    first.close()
+    JobStore(path, exclusive=True).close()
+
+
+def test_reads_never_wait_behind_another_process_holding_the_write_lock(
+        make_foreman: Callable[..., Daemon]) -> None:
+    """Regression (issue 13.10): with another connection holding the write lock (someone
+    browsing foreman.db in a GUI), every read waited 24.6 s behind one Python lock."""
+    daemon = make_foreman()
+    job = requests.post(daemon.url + "/jobs", timeout=5, json={
+        "kind": "chat", "request": {"model": "nomic-embed-text"}}).json()
+    other = sqlite3.connect(daemon.store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        # A write that now waits for the lock (the worker's claim, or this submit).
+        blocked = threading.Thread(target=lambda: requests.post(
+            daemon.url + "/jobs", timeout=30, json={
+                "kind": "embed", "request": {"model": "nomic-embed-text", "input": "x"}}))
+        blocked.start()
+        for path in ("/jobs", f"/jobs/{job['id']}", "/queue", "/metrics"):
+            answer = requests.get(daemon.url + path, timeout=3)
+            assert answer.status_code == 200, (path, answer.text)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    blocked.join(15)
