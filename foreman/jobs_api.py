@@ -33,14 +33,19 @@ PRIORITY_RANGE = (-(2**63), 2**63 - 1)  # SQLite's INTEGER, as Go's int64
 
 
 def render_job(job: Job, position: int | None = None, partial: str | None = None,
-               estimated_start: str | None = None) -> bytes:
-    """A job's JSON document; its stored request and result go in as they are."""
+               estimated_start: str | None = None, brief: bool = False) -> bytes:
+    """A job's JSON document; its stored request and result go in as they are.
+    A brief one leaves out the request, the result and the partial text, which
+    can be megabytes, for listings that only show what each job is."""
     document: dict[str, Any] = {
-        "id": job.id, "kind": job.kind, "status": job.status, "priority": job.priority,
-        "created_at": iso(job.created_at), "started_at": iso(job.started_at),
-        "finished_at": iso(job.finished_at), "attempts": job.attempts, "error": job.error,
+        "id": job.id, "kind": job.kind, "model": job.model, "status": job.status,
+        "priority": job.priority, "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at), "finished_at": iso(job.finished_at),
+        "attempts": job.attempts, "error": job.error,
         "position": position, "estimated_start": estimated_start,
     }
+    if brief:
+        return json.dumps(document).encode()
     if partial is not None:
         document["partial"] = partial
     head = json.dumps(document)[:-1]  # without its closing brace
@@ -79,8 +84,8 @@ class JobsApi:
         return {entry["job_id"]: (entry["position"], entry["estimated_start"])
                 for entry in self._queue.snapshot()["waiting"] if "job_id" in entry}
 
-    def document(self, job: Job, line: dict[str, tuple[int, str | None]] | None = None
-                 ) -> bytes:
+    def document(self, job: Job, line: dict[str, tuple[int, str | None]] | None = None,
+                 brief: bool = False) -> bytes:
         position, estimated = None, None
         if job.status == "queued":
             if job.kind in GENERATION_KINDS:
@@ -88,7 +93,8 @@ class JobsApi:
                     job.id, (None, None))
             else:
                 position = self._store.position(job)
-        return render_job(job, position, self._worker.progress(job.id), estimated)
+        partial = None if brief else self._worker.progress(job.id)
+        return render_job(job, position, partial, estimated, brief)
 
     def submit(self, request: Request) -> WSGIApp:
         body = read_json_object(request, self._budget)
@@ -152,9 +158,11 @@ class JobsApi:
         after = args.get("after")
         if after is not None and not (after.isdigit() and len(after) < 19):
             raise ApiError(400, "invalid cursor")
-        jobs, cursor = self._store.list(status, kind, limit, int(after) if after else None)
+        brief = args.get("brief", "") not in ("", "0", "false")
+        jobs, cursor = self._store.list(status, kind, limit, int(after) if after else None,
+                                        brief)
         line = self._line() if any(j.status == "queued" for j in jobs) else {}
-        documents = b", ".join(self.document(j, line) for j in jobs)
+        documents = b", ".join(self.document(j, line, brief) for j in jobs)
         after_this = json.dumps(None if cursor is None else str(cursor)).encode()
         return json_response(200, b'{"jobs": [' + documents + b'], "next": ' + after_this + b"}")
 

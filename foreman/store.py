@@ -147,6 +147,12 @@ def _job(row: sqlite3.Row) -> Job:
     )
 
 
+# Every column a Job needs, with the request and the result left unread.
+_BRIEF_COLUMNS = ("seq, id, kind, model, status, priority, 'null' AS request, webhook,"
+                  " created_at, started_at, finished_at, not_before, attempts,"
+                  " NULL AS result, error")
+
+
 class Queued(NamedTuple):
     """A queued job as the line needs it: no request or result to parse.  A tuple,
     since the line can be thousands of jobs long and is read on every submit."""
@@ -329,8 +335,9 @@ class JobStore:
         return int(ahead) + 1
 
     def list(self, status: str | None = None, kind: str | None = None, limit: int = 50,
-             after: int | None = None) -> tuple[list[Job], int | None]:
-        """Newest first; `after` is the cursor (a seq) returned by the previous page."""
+             after: int | None = None, brief: bool = False) -> tuple[list[Job], int | None]:
+        """Newest first; `after` is the cursor (a seq) returned by the previous page.
+        Brief jobs are read without their request and result (`null` and None)."""
         where, args = [], []
         if status:
             where.append("status = ?")
@@ -342,7 +349,8 @@ class JobStore:
             where.append("seq < ?")
             args.append(after)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        rows = self._read(f"SELECT * FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
+        columns = _BRIEF_COLUMNS if brief else "*"
+        rows = self._read(f"SELECT {columns} FROM jobs {clause} ORDER BY seq DESC LIMIT ?",
                           (*args, limit + 1))
         jobs = [_job(r) for r in rows[:limit]]
         return jobs, jobs[-1].seq if len(rows) > limit else None

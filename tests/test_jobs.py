@@ -379,3 +379,27 @@ def test_a_locked_store_at_requeue_is_retried_not_left_running(
     done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
     assert len(failures) == 2
     assert done["status"] == "succeeded" and done["attempts"] == 2
+
+
+def test_a_brief_listing_leaves_out_requests_results_and_partial_text(
+        foreman: Daemon, fake: FakeOllama) -> None:
+    """Regression (issue 13.11): the status page downloaded every listed job's request and
+    result every 2 s (20 MB a refresh with twenty 1 MB prompts)."""
+    prompt = "p" * 1_000_000
+    done = wait_job(foreman, submit(foreman, "generate", {"model": "llama3",
+                                                          "prompt": prompt}).json()["id"])
+    fake.token_delay = 0.2
+    running = submit(foreman, "chat", CHAT).json()["id"]
+    assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 1, 5)
+    full = requests.get(foreman.url + "/jobs", timeout=5)
+    brief = requests.get(foreman.url + "/jobs?brief=1", timeout=5)
+    assert len(full.content) > 1_000_000 > 2_000 > len(brief.content)
+    by_id = {j["id"]: j for j in brief.json()["jobs"]}
+    assert set(by_id) == {done["id"], running}
+    for job in by_id.values():
+        assert not {"request", "result", "partial"} & set(job)
+        assert job["model"] in ("llama3", "llama3:latest")
+    whole = {j["id"]: j for j in full.json()["jobs"]}
+    assert {k: v for k, v in whole[done["id"]].items() if k not in ("request", "result")} \
+        == by_id[done["id"]]
+    fake.release.set()
