@@ -121,7 +121,6 @@ class OllamaApi:
         admin_routes = (
             ("/api/pull", post), ("/api/push", post), ("/api/create", post),
             ("/api/copy", post), ("/api/delete", ["DELETE"]),
-            ("/api/blobs/<digest>", ["HEAD", "POST"]),
         )
         return [
             Rule("/healthz", methods=get, endpoint=self.health),
@@ -135,7 +134,12 @@ class OllamaApi:
             Rule("/api/version", methods=get, endpoint=self.passthrough),
             Rule("/api/show", methods=post, endpoint=self.passthrough),
             *(Rule(path, methods=m, endpoint=self.admin) for path, m in admin_routes),
+            Rule("/api/blobs/<digest>", methods=["HEAD", "POST"], endpoint=self.blob),
         ]
+
+    def unlimited_body(self) -> set[Callable[..., Any]]:
+        """Endpoints not held to `server.max_body`: blob uploads, when allowed."""
+        return {self.blob} if self._allow_admin else set()
 
     # -- health ---------------------------------------------------------------
 
@@ -251,17 +255,20 @@ class OllamaApi:
         )
         return relay(upstream, [], head=request.method == "HEAD")
 
-    def admin(self, request: Request, digest: str | None = None) -> WSGIApp:
+    def admin(self, request: Request) -> WSGIApp:
+        return self._manage(request, request.get_data(cache=False) or None)
+
+    def blob(self, request: Request, digest: str) -> WSGIApp:
+        # A model file: read by waitress into its spool file, streamed on from there.
+        request.max_content_length = None
+        length = request.content_length or 0
+        return self._manage(request, SizedBody(request.stream, length) if length else None)
+
+    def _manage(self, request: Request, body: Any) -> WSGIApp:
         if not self._allow_admin:
             raise ApiError(
                 403, "model management through foreman is disabled (target.allow_admin is false)"
             )
-        if digest is not None:
-            request.max_content_length = None  # model blobs are gigabytes, streamed through
-            length = request.content_length or 0
-            body: Any = SizedBody(request.stream, length) if length else None
-        else:
-            body = request.get_data(cache=False) or None
         upstream = self._client.open(request.method, request.path, body,
                                      request.content_type or None)
         on_close = [self._inventory.poll_soon] if 200 <= upstream.status < 300 else []

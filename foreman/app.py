@@ -36,6 +36,9 @@ from .errors import (
 from .metrics import Metrics
 from .relay import StartResponse
 
+# A whole answer as the server writes it: (status line, headers, body).
+Answer = tuple[str, list[tuple[str, str]], bytes]
+
 access_log = logging.getLogger("foreman.access")
 log = logging.getLogger("foreman.app")
 
@@ -62,9 +65,13 @@ class _Finished:
 
 class ForemanApp:
     def __init__(self, rules: list[Rule], public: set[Callable[..., Any]], token: str,
-                 max_body: int, metrics: Metrics) -> None:
+                 max_body: int, metrics: Metrics,
+                 unlimited_body: set[Callable[..., Any]] | None = None) -> None:
+        """`public` endpoints need no token; `unlimited_body` endpoints (model blob
+        uploads) are not held to `max_body`."""
         self._map = Map(rules, merge_slashes=False, redirect_defaults=False)
         self._public = public
+        self._unlimited_body = unlimited_body or set()
         self._token = token.encode()
         self._max_body = max_body
         self._metrics = metrics
@@ -78,8 +85,12 @@ class ForemanApp:
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no request is in progress, or `timeout` passes."""
+        return self.wait_active(lambda active: active == 0, timeout)
+
+    def wait_active(self, predicate: Callable[[int], bool], timeout: float) -> bool:
+        """Block until `predicate(requests in progress)` holds, or `timeout` passes."""
         with self._idle:
-            return self._idle.wait_for(lambda: self._active == 0, timeout)
+            return self._idle.wait_for(lambda: predicate(self._active), timeout)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         started = time.monotonic()
@@ -117,12 +128,42 @@ class ForemanApp:
 
         with self._idle:
             self._active += 1
+            self._idle.notify_all()
         try:
             body = self._dispatch(environ)(environ, recording_start_response)
         except BaseException:
             done()
             raise
         return _Finished(body, done)
+
+    def check_headers(self, method: str, path: str, headers: dict[str, str],
+                      length: int | None) -> tuple[Answer | None, int | None]:
+        """The verdict on a request with a body, from its headers alone (the server
+        asks before it reads the body): a refusal to send now, or None; and the
+        route's body limit (None: the server's own, for blob uploads).  A request
+        without the token, or with a declared body over the limit, is answered
+        without its body ever being read."""
+        try:
+            endpoint = self._map.bind("localhost").match(path, method)[0]
+        except (HTTPException, RequestRedirect):
+            endpoint = None
+        limit = None if endpoint in self._unlimited_body else self._max_body
+        refusal = None
+        if endpoint not in self._public and not self._authorized(
+                headers.get("AUTHORIZATION", "")):
+            refusal = _unauthorized()
+        elif limit is not None and length is not None and length > limit:
+            refusal = ApiError(413, _WERKZEUG_TEXT[413])
+        if refusal is None:
+            return None, limit
+        request_id = uuid.uuid4().hex
+        answer = error_response(refusal, path.startswith("/v1/"))
+        answer.headers["X-Request-Id"] = request_id
+        status = str(answer.status_code)
+        self._metrics.count_request("unmatched" if endpoint is None else "early", method, status)
+        access_log.info("%s %s %s", method, path, status, extra={"fields": {
+            "ms": 0.0, "id": request_id, "body": "not read"}})
+        return (answer.status, list(answer.headers.items()), answer.get_data()), limit
 
     def _dispatch(self, environ: dict[str, Any]) -> Callable[..., Iterable[bytes]]:
         request = Request(environ, populate_request=False)  # no request<->environ cycle
@@ -159,17 +200,18 @@ class ForemanApp:
             return error_response(exc, openai)
 
     def _authenticate(self, request: Request) -> None:
+        if not self._authorized(request.headers.get("Authorization", "")):
+            raise _unauthorized()
+
+    def _authorized(self, authorization: str) -> bool:
         if not self._token:
-            return
-        scheme, _, supplied = request.headers.get("Authorization", "").partition(" ")
-        # WSGI hands header values over decoded as latin-1: encoding them back
-        # gives the bytes the client sent, so a UTF-8 token compares as sent.
-        if scheme.lower() == "bearer" and supplied and hmac.compare_digest(
-            supplied.strip().encode("latin-1"), self._token
-        ):
-            return
-        raise ApiError(401, "unauthorized: a valid bearer token is required",
-                       {"WWW-Authenticate": "Bearer"})
+            return True
+        scheme, _, supplied = authorization.partition(" ")
+        # Header values arrive decoded as latin-1 (WSGI, and waitress's parser):
+        # encoding them back gives the bytes the client sent, so a UTF-8 token
+        # compares as sent.
+        return scheme.lower() == "bearer" and bool(supplied) and hmac.compare_digest(
+            supplied.strip().encode("latin-1", "replace"), self._token)
 
 
 def _has_empty_segment(environ: dict[str, Any]) -> bool:
@@ -188,4 +230,9 @@ def _routing_failure(exc: Exception, request: Request) -> ApiError:
 
 
 _WERKZEUG_TEXT = {413: "request body too large", 400: "malformed request"}
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized: a valid bearer token is required",
+                    {"WWW-Authenticate": "Bearer"})
 

@@ -236,6 +236,9 @@ class ServerConfig:
     threads: int = _key(_non_negative_int, 0)
     max_body: int = _key(parse_size, 64 * 1024**2)
     drain_timeout: float = _key(parse_duration, 30.0)
+    header_timeout: float = _key(_at_least(0.1, "a client needs time to send its headers"),
+                                 10.0)
+    max_connections_per_client: int = _key(_non_negative_int, 256)
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,10 @@ def build_daemon(config: Config) -> Daemon:
     if config.metrics.public:
         public.add(observe.metrics)
     app = ForemanApp([*api.rules(), *jobs.rules(), *observe.rules()], public, config.token,
-                     config.server.max_body, metrics)
-    server = Server(app, config.listen.host, config.listen.port, threads, config.server.max_body)
+                     config.server.max_body, metrics, unlimited_body=api.unlimited_body())
+    server = Server(app, config.listen.host, config.listen.port, threads,
+                    check_headers=app.check_headers,
+                    header_timeout=config.server.header_timeout,
+                    max_connections_per_client=config.server.max_connections_per_client)
     return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, warmer, store,
                   worker, notifier, app, server, draining)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -19,9 +20,11 @@ from foreman.daemon import Daemon
 from tests.http_raw import raw_request
 
 
-def connect(daemon: Daemon) -> socket.socket:
+def connect(daemon: Daemon, source: str = "") -> socket.socket:
+    """A raw connection, from `source` (another loopback address) when given."""
     parts = urlsplit(daemon.url)
-    return socket.create_connection((parts.hostname, parts.port), timeout=10)
+    return socket.create_connection((parts.hostname, parts.port), timeout=10,
+                                    source_address=(source, 0) if source else None)
 
 
 def read_until_closed(sock: socket.socket) -> bytes:
@@ -98,12 +101,15 @@ def test_a_byte_at_a_time_sender_does_not_hold_up_others(foreman: Daemon) -> Non
     assert reply.startswith(b"HTTP/1.1 200")
 
 
-def test_two_thousand_idle_connections_leave_room_for_real_clients(foreman: Daemon) -> None:
+def test_two_thousand_idle_connections_leave_room_for_real_clients(
+        make_foreman: Callable[..., Daemon]) -> None:
+    # Ten addresses under the per-client cap, idle for less than the header timeout.
+    foreman = make_foreman(server={"header_timeout": "2m"})
     before = rss_mb()
     idle = []
     try:
-        for _ in range(2000):
-            idle.append(connect(foreman))
+        for i in range(2000):
+            idle.append(connect(foreman, source=f"127.0.0.{10 + i % 10}"))
         # Absorbing the flood takes waitress seconds: it accepts one connection per
         # turn of its loop, and each turn polls every open one (4.5-4.9 s measured
         # with two soaks loading this 2-core box, so the usual 5 s is too tight).
@@ -163,3 +169,87 @@ def test_requests_waitress_cannot_parse_get_a_json_error(
     assert json_error(answer)[0] == status
     assert json_error(answer)[1].startswith(error)
     assert requests.get(foreman.url + "/healthz", timeout=5).status_code == 200
+
+
+def test_a_client_too_slow_with_its_headers_is_cut_at_the_header_timeout(
+        make_foreman: Callable[..., Daemon]) -> None:
+    """Regression (issue 13.9): a byte a second kept a connection forever."""
+    daemon = make_foreman(server={"header_timeout": "500ms"})
+    silent = connect(daemon)
+    slow = connect(daemon)
+    started = time.monotonic()
+    cut = False
+    for byte in b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100:
+        if _closed_by_server(slow):
+            cut = True
+            break
+        try:
+            slow.sendall(bytes([byte]))
+        except OSError:
+            cut = True
+            break
+        time.sleep(0.05)  # the slow client's own pace, not a synchronisation
+    assert cut, "the slow client was never cut"
+    assert time.monotonic() - started < 5
+    assert read_until_closed(silent) == b""  # a connection that never spoke is cut too
+    silent.close()
+    slow.close()
+    assert requests.get(daemon.url + "/healthz", timeout=5).status_code == 200
+
+
+def _closed_by_server(sock: socket.socket) -> bool:
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
+def test_one_address_cannot_take_every_connection(make_foreman: Callable[..., Daemon]) -> None:
+    """Regression (issue 13.9): 10,300 connections sending a byte a second filled the
+    connection limit and every other client timed out."""
+    daemon = make_foreman(server={"max_connections_per_client": 20, "header_timeout": "1m"})
+    held = [connect(daemon, source="127.0.0.2") for _ in range(20)]
+    for sock in held:
+        sock.sendall(b"G")  # begun, never finished
+    refused = connect(daemon, source="127.0.0.2")
+    status, error = json_error(read_until_closed(refused))
+    refused.close()
+    assert (status, error) == (503, "too many connections from this address")
+    assert requests.get(daemon.url + "/healthz", timeout=5).status_code == 200  # 127.0.0.1
+    assert daemon.server.door.open_from("127.0.0.2") == 20
+    for sock in held:
+        sock.close()
+    assert raw_via(daemon, "127.0.0.2").startswith(b"HTTP/1.1 200")
+
+
+def raw_via(daemon: Daemon, source: str) -> bytes:
+    """GET /healthz from `source`, retried while the server still counts closed sockets."""
+    deadline = time.monotonic() + 5
+    while True:
+        sock = connect(daemon, source=source)
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = read_until_closed(sock)
+        sock.close()
+        if answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
+            return answer
+
+
+def test_a_request_without_the_token_is_refused_before_its_body_is_read(
+        make_foreman: Callable[..., Daemon]) -> None:
+    """Regression (issue 13.7): waitress read (and spooled, up to 1 GB) a body whose
+    request was then refused with 401.  Here 1 GB is announced and never sent."""
+    daemon = make_foreman(token="t0k", server={"max_body": "64KB"})
+    for headers, wanted in ((b"", 401), (b"Authorization: Bearer t0k\r\n", 413)):
+        sock = connect(daemon)
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + headers + b"Content-Length: 1073741824\r\n\r\n{\"model\": ")
+        status, error = json_error(read_until_closed(sock))
+        sock.close()
+        assert status == wanted
+    assert error == "request body too large"
+    denied = raw_request(daemon.url, "POST", "/jobs", body=b"{}")
+    assert denied.status == 401 and denied.headers["www-authenticate"] == "Bearer"
+    assert denied.json() == {"error": "unauthorized: a valid bearer token is required"}
+    assert requests.get(daemon.url + "/healthz", timeout=5).status_code == 200

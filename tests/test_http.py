@@ -137,7 +137,7 @@ def test_unexpected_exception_is_a_generic_500_with_traceback_only_in_the_log(
         raise RuntimeError("kaboom-internal-detail")
 
     app = ForemanApp([Rule("/boom", endpoint=explode)], set(), "", 1024, Metrics())
-    server = Server(app, "127.0.0.1", 0, threads=2, max_body=1024)
+    server = Server(app, "127.0.0.1", 0, threads=2, check_headers=app.check_headers)
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()
     try:

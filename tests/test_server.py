@@ -1,4 +1,5 @@
-"""The waitress server's thread pool: short work stays on the threads that are already warm."""
+"""The waitress server: short work stays on warm threads, and the internals it reaches
+are where it reads them."""
 
 from __future__ import annotations
 
@@ -24,3 +25,29 @@ def test_sequential_requests_reuse_the_newest_idle_thread(
     # One thread, or two when the next request arrives while the last thread is
     # still on its way back to idle.
     assert 1 <= len(served_by) <= 4, served_by
+
+
+def test_the_waitress_internals_foreman_reaches_are_where_it_reads_them() -> None:
+    """server.py names every waitress internal it uses (read from waitress 3.0.2); an
+    upgrade that moves one must fail here, not in production."""
+    import inspect
+
+    from waitress.channel import HTTPChannel
+    from waitress.parser import HTTPRequestParser
+    from waitress.server import BaseWSGIServer
+    from waitress.task import ErrorTask, ThreadedTaskDispatcher
+
+    dispatcher = ThreadedTaskDispatcher()
+    assert hasattr(dispatcher, "queue_cv") and hasattr(dispatcher, "lock")
+    channel, parser = inspect.getsource(HTTPChannel), inspect.getsource(HTTPRequestParser)
+    for name in ("parser_class", "received", "readable", "del_channel", "write_soon",
+                 "handle_close", "will_close", "close_when_flushed", "requests", "request"):
+        assert hasattr(HTTPChannel, name) or f"self.{name} =" in channel, name
+    for name in ("received", "headers_finished", "completed", "error", "expect_continue",
+                 "chunked", "content_length", "command", "path", "headers", "adj"):
+        assert hasattr(HTTPRequestParser, name) or f"self.{name}" in parser, name
+    assert "adj.max_request_body_size" in inspect.getsource(HTTPRequestParser.received)
+    assert "error_task_class" in inspect.getsource(HTTPChannel.service)
+    assert "to_response" in inspect.getsource(ErrorTask.execute)
+    assert "channel_class(self, conn, addr, self.adj" in inspect.getsource(
+        BaseWSGIServer.handle_accept)

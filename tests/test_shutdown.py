@@ -86,7 +86,7 @@ def test_an_open_long_poll_answers_as_soon_as_the_drain_starts(
         f"{foreman.url}/jobs/{job['id']}?wait=60", timeout=70)))
     poller.start()
     assert fake.wait_for(lambda: fake.requests_to("/api/chat") != [], 5)
-    assert foreman.app.wait_idle(0.2) is False  # the long-poll is in flight
+    assert foreman.app.wait_active(lambda active: active == 1, 5)  # the long-poll is held
     drained = foreman.shutdown(drain_timeout=3)
     poller.join(5)
     assert drained is True
