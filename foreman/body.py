@@ -34,7 +34,7 @@ KEEP_IN_MEMORY = 1024 * 1024
 # twice the body (its text and its objects); a body over the budget parses alone.
 PARSE_BUDGET = 32 * 1024 * 1024
 
-_LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 T = TypeVar("T")
@@ -78,26 +78,32 @@ def _replace_surrogates(value: Any) -> Any:
     return value
 
 
-def parse_json(raw: bytes) -> Any:
-    """JSON as Ollama's decoder reads it, or ApiError(400) saying what is wrong."""
+def _text(raw: bytes) -> str:
     encoding = json.detect_encoding(raw)
     try:
         # Go decodes invalid UTF-8 to U+FFFD rather than refusing the body.
-        text = raw.decode(encoding, "replace" if encoding == "utf-8" else "surrogatepass")
+        return raw.decode(encoding, "replace" if encoding == "utf-8" else "surrogatepass")
+    except ValueError as exc:
+        raise ApiError(400, f"invalid JSON in request body: {exc}") from None
+
+
+def parse_json(text: str) -> Any:
+    """JSON as Ollama's decoder reads it, or ApiError(400) saying what is wrong."""
+    try:
         value = json.loads(text, parse_constant=_no_constants)
     except RecursionError:
         raise ApiError(400, "invalid JSON in request body: nested too deeply") from None
     except ValueError as exc:
         raise ApiError(400, f"invalid JSON in request body: {exc}") from None
-    if _LONE_SURROGATE_ESCAPE.search(raw):
+    if _LONE_SURROGATE_ESCAPE.search(text):
         value = _replace_surrogates(value)
     return value
 
 
-def _object(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
+def _object(text: str) -> dict[str, Any]:
+    if not text.strip():
         raise ApiError(400, "missing request body")
-    body = parse_json(raw)
+    body = parse_json(text)
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -106,7 +112,7 @@ def _object(raw: bytes) -> dict[str, Any]:
 def read_json_object(request: Request, budget: ParseBudget) -> dict[str, Any]:
     """The parsed body of a request foreman itself consumes (a job submit)."""
     with budget.reserve(request.content_length or 0):
-        return _object(request.get_data(cache=False))
+        return _object(_text(request.get_data(cache=False)))
 
 
 class SizedBody:
@@ -147,9 +153,12 @@ def read_forwarded(request: Request, budget: ParseBudget,
     (or, for a large body, the way back to them) and what `decide` returned."""
     length = request.content_length or 0
     spool = request.environ.get("wsgi.input")
-    with budget.reserve(length):
+    if length <= KEEP_IN_MEMORY or spool is None or not spool.seekable():
         raw = request.get_data(cache=False)
-        decision = decide(_object(raw))
-    if len(raw) <= KEEP_IN_MEMORY or spool is None or not spool.seekable():
-        return ForwardedBody(raw, None, len(raw)), decision
-    return ForwardedBody(None, spool, len(raw)), decision
+        with budget.reserve(len(raw)):
+            return ForwardedBody(raw, None, len(raw)), decide(_object(_text(raw)))
+    with budget.reserve(length):
+        # The bytes are let go of as soon as they are text: the parse then needs
+        # the text and its objects, not a third copy.
+        decision = decide(_object(_text(request.get_data(cache=False))))
+    return ForwardedBody(None, spool, length), decision

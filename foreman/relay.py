@@ -1,7 +1,8 @@
 """Turns a target response into the WSGI response the client receives.
 
 Streams (NDJSON, and server-sent events on /v1) are relayed as they arrive,
-one upstream line per chunk written to the client, bytes untouched.  A
+one upstream line per chunk written to the client (a line over 1 MB in the
+pieces it arrived in), bytes untouched; a line is sent only once it is whole.  A
 response that ends as a complete answer marks its tally `answered`, which is
 what the estimator learns from.  Anything
 else is read whole and sent with its length.  Hop-by-hop headers and the
@@ -24,6 +25,11 @@ from .errors import TargetBadAnswer, TargetTransportError, error_body
 from .target import Upstream
 
 StartResponse = Callable[..., Any]
+
+# A line that arrived in pieces is sent as one HTTP chunk up to this size; a
+# larger one is sent piece by piece, so it is never copied whole (the client
+# reads lines, not chunks).
+_JOIN_UP_TO = 1024 * 1024
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _NOT_COPIED = frozenset({
@@ -85,9 +91,15 @@ class StreamedBody:
                     tally.chunks += 1
                     yield last
             else:
-                for last in self._upstream.lines():
+                for pieces in self._upstream.line_pieces():
                     tally.chunks += 1
-                    yield last
+                    last = pieces[0]
+                    if len(pieces) == 1:
+                        yield last
+                    elif sum(map(len, pieces)) <= _JOIN_UP_TO:
+                        yield b"".join(pieces)
+                    else:  # a huge line goes out in the pieces it came in, never copied
+                        yield from pieces
             # Ollama reports a failure after the stream started as a last error line.
             tally.answered = self._upstream.status < 300 and not last.startswith(b'{"error"')
         except TargetTransportError as exc:

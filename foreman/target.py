@@ -135,37 +135,40 @@ class Upstream:
         self.headers = response.headers
         self.content_type: str = response.headers.get("Content-Type", "")
 
-    def lines(self) -> Iterator[bytes]:
-        """Non-empty NDJSON lines with their newline, as bytes, each as soon as its
-        newline arrives.
+    def line_pieces(self) -> Iterator[list[bytes]]:
+        """Each non-empty NDJSON line, as soon as its newline arrives, as the pieces
+        it arrived in: one piece for a line that came whole, the last piece ending
+        with the newline.
 
         Lines split on b"\\n" only, as Go writes them (never on U+2028 or a bare
         CR), and a body that ends inside a line is a broken stream, not a last line.
-        The pieces of a long line are joined once, when its end arrives, so a
-        line of any size costs time and memory in proportion to its size.
+        Nothing joins the pieces here, so a line of any size costs time and memory
+        in proportion to its size, once.
         """
         pending: list[bytes] = []  # pieces of a line whose newline has not come yet
         try:
             for chunk in self._response.iter_content(chunk_size=65536):
-                if b"\n" not in chunk:
-                    pending.append(chunk)
-                    continue
-                if pending:
-                    pending.append(chunk)
-                    chunk = b"".join(pending)
-                    pending.clear()
                 start, end = 0, chunk.find(b"\n")
                 while end != -1:
-                    if end > start:
-                        yield chunk[start:end + 1]
+                    piece = chunk[start:end + 1]  # the chunk itself when it is one line
+                    if pending:
+                        pending.append(piece)
+                        yield pending
+                        pending = []
+                    elif end > start:
+                        yield [piece]
                     start, end = end + 1, chunk.find(b"\n", end + 1)
                 if start < len(chunk):
                     pending.append(chunk[start:])
-                del chunk
         except _TRANSPORT_ERRORS as exc:
             raise self._lost(exc) from None
-        if b"".join(pending).strip():
+        if any(piece.strip() for piece in pending):
             raise TargetLost("the stream from ollama ended in the middle of a line")
+
+    def lines(self) -> Iterator[bytes]:
+        """Each non-empty NDJSON line, whole, with its newline."""
+        for pieces in self.line_pieces():
+            yield pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def chunks(self) -> Iterator[bytes]:
         """The body as the target sends it, chunk by chunk."""

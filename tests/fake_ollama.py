@@ -104,6 +104,7 @@ class Stats:
     completed: list[str] = field(default_factory=list)  # paths of generations that finished
     started_at: list[float] = field(default_factory=list)  # time.monotonic() per generation
     finished_at: list[float] = field(default_factory=list)
+    body_digests: list[str] = field(default_factory=list)  # sha256 of each body over 1 MiB
 
 
 class FakeOllama:
@@ -307,6 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
         record = Received(method, path, {k.lower(): v for k, v in self.headers.items()}, body)
         with fake.cond:
             fake.received.append(record)
+            if len(body) > 1024 * 1024:
+                fake.stats.body_digests.append(hashlib.sha256(body).hexdigest())
             fake.cond.notify_all()
         host = self.headers.get("Host", "").rsplit(":", 1)[0].strip("[]")
         if host not in ("127.0.0.1", "localhost", "::1"):

@@ -162,3 +162,34 @@ def test_embed_is_retried_once_on_a_target_500(foreman: Daemon, fake: FakeOllama
     twice = requests.post(foreman.url + "/api/embed", json={"model": "llama3", "input": "x"},
                           timeout=5)
     assert twice.status_code == 500 and twice.json() == {"error": "broken"}
+
+
+def test_blob_uploads_are_not_held_to_max_body_but_everything_else_is(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama) -> None:
+    """Regression (issue 13.7): blob uploads over waitress's old 1 GB cap could not pass at
+    all.  They alone are exempt from server.max_body (here 64 KB)."""
+    daemon = make_foreman(target={"allow_admin": True}, server={"max_body": "64KB"})
+    blob = b"\1" * 3_000_000
+    sent = requests.post(daemon.url + "/api/blobs/sha256:ef01", data=blob, timeout=10)
+    assert sent.status_code == 201
+    assert fake.requests_to("/api/blobs/sha256:ef01")[0].body == blob
+    # The limit for everything else still holds, before the body is read.
+    refused = requests.post(daemon.url + "/api/create", data=blob, timeout=10)
+    assert refused.status_code == 413
+    assert fake.requests_to("/api/create") == []
+
+
+def test_a_waiting_request_sends_its_spooled_body_unchanged(
+        foreman: Daemon, fake: FakeOllama) -> None:
+    """A body over 1 MB waits on disk, not in memory, and reaches the target byte for
+    byte once its turn comes (bench/bench_limits.py measures the memory)."""
+    fake.token_delay = 0.05
+    holder = ChunkReader(foreman.url, "POST", "/api/chat", json.dumps({
+        "model": "llama3", "messages": []}).encode())
+    assert holder.next_chunk() is not None
+    body = json.dumps({"model": "llama3", "stream": False, "messages": [
+        {"role": "user", "content": "é" * 1_500_000}]}, ensure_ascii=False).encode()
+    answer = requests.post(foreman.url + "/api/chat", data=body, timeout=30)
+    holder.close()
+    assert answer.status_code == 200
+    assert [r.body for r in fake.requests_to("/api/chat")][-1] == body
