@@ -11,6 +11,7 @@ bound.
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import signal
@@ -71,20 +72,30 @@ def serve(config: Config) -> int:
         log.error("cannot listen on %s: %s", config.listen, exc.strerror or exc)
         return 1
     stop = threading.Event()
+    # Counted in one C call: a handler can be interrupted by the next signal's
+    # handler between any two of its own lines, so a flag tested then set could
+    # let a quick second signal pass for the first.
+    signals = itertools.count()
 
     def request_stop(signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
-        if stop.is_set():
+        if next(signals):
             # A second signal means "now": every accepted job is already on disk.
             log.warning("received %s again: exiting without draining", name)
             os._exit(EXIT_SECOND_SIGNAL)
-        log.info("received %s: draining (send it again to exit at once)", name)
         stop.set()
+        log.info("received %s: draining (send it again to exit at once)", name)
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     daemon.start()
+    # The main thread only waits, in short steps: Python runs signal handlers on
+    # the main thread, and only between its own waits, so the drain runs on a
+    # thread of its own and a second signal is heard within half a second.
     while not stop.wait(0.5):
         pass
-    daemon.shutdown()
+    draining = threading.Thread(target=daemon.shutdown, name="foreman-drain")
+    draining.start()
+    while draining.is_alive():
+        draining.join(0.5)
     return 0

@@ -48,18 +48,26 @@ def test_shutdown_finishes_the_stream_refuses_waiters_and_new_connections(
     assert drained == [True]
 
 
+def streaming_through_a_process(fake: FakeOllama, tmp_path: Path, proc: list[ForemanProcess],
+                                extra: str = "") -> ChunkReader:
+    """foreman as a child process with one chat streaming through it (first chunk read)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n"
+                      f"jobs:\n  db: {tmp_path / 'j.db'}\n{extra}")
+    proc.append(ForemanProcess("-c", str(config)))
+    reader = ChunkReader(proc[0].wait_serving(), "POST", "/api/chat", CHAT)
+    assert reader.next_chunk() is not None
+    return reader
+
+
 def test_sigterm_with_a_stream_in_flight_completes_it_and_exits_0(
         fake: FakeOllama, tmp_path: Path) -> None:
     fake.token_delay = 0.03
     fake.tokens = 30
-    config = tmp_path / "c.yaml"
-    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n"
-                      f"jobs:\n  db: {tmp_path / 'j.db'}\n")
-    proc = ForemanProcess("-c", str(config))
+    started: list[ForemanProcess] = []
     try:
-        url = proc.wait_serving()
-        reader = ChunkReader(url, "POST", "/api/chat", CHAT)
-        assert reader.next_chunk() is not None
+        reader = streaming_through_a_process(fake, tmp_path, started)
+        proc = started[0]
         proc.proc.send_signal(signal.SIGTERM)
         proc.wait_for_line("draining")
         try:
@@ -70,8 +78,9 @@ def test_sigterm_with_a_stream_in_flight_completes_it_and_exits_0(
         assert json.loads(rest[-1])["done"] is True and len(rest) == 30
         assert proc.proc.wait(15) == 0
     finally:
-        if proc.proc.poll() is None:
-            proc.kill()
+        for proc in started:
+            if proc.proc.poll() is None:
+                proc.kill()
 
 
 def test_an_open_long_poll_answers_as_soon_as_the_drain_starts(
@@ -96,14 +105,11 @@ def test_an_open_long_poll_answers_as_soon_as_the_drain_starts(
 def test_a_second_signal_exits_at_once(fake: FakeOllama, tmp_path: Path) -> None:
     fake.token_delay = 0.5
     fake.tokens = 100
-    config = tmp_path / "c.yaml"
-    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n"
-                      f"jobs:\n  db: {tmp_path / 'j.db'}\nserver:\n  drain_timeout: 60s\n")
-    proc = ForemanProcess("-c", str(config))
+    started: list[ForemanProcess] = []
     try:
-        url = proc.wait_serving()
-        reader = ChunkReader(url, "POST", "/api/chat", CHAT)
-        assert reader.next_chunk() is not None
+        reader = streaming_through_a_process(fake, tmp_path, started,
+                                             "server:\n  drain_timeout: 60s\n")
+        proc = started[0]
         proc.proc.send_signal(signal.SIGINT)
         proc.wait_for_line("draining")
         proc.proc.send_signal(signal.SIGINT)
@@ -111,5 +117,6 @@ def test_a_second_signal_exits_at_once(fake: FakeOllama, tmp_path: Path) -> None
         assert any("exiting without draining" in line for line in proc.log)
         reader.close()
     finally:
-        if proc.proc.poll() is None:
-            proc.kill()
+        for proc in started:
+            if proc.proc.poll() is None:
+                proc.kill()
