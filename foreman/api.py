@@ -27,13 +27,21 @@ from werkzeug.wrappers import Request
 
 from . import __version__
 from .body import ParseBudget, SizedBody, read_forwarded
-from .errors import ApiError, TargetTransportError, TargetUnreachable, json_response
+from .errors import (
+    ApiError,
+    TargetBadAnswer,
+    TargetHTTPError,
+    TargetTransportError,
+    TargetUnreachable,
+    json_response,
+)
 from .inventory import Inventory, Snapshot, canonical_model_name
-from .lane import Lane, Work
+from .lane import WAITING, Lane, Work
 from .metrics import Metrics
 from .relay import WSGIApp, relay
-from .target import AbortSignal, TargetClient
+from .target import AbortSignal, TargetClient, Upstream
 from .watch import ClientWatcher
+from .watchdog import Watchdog, Watched
 
 log = logging.getLogger("foreman.api")
 
@@ -99,6 +107,7 @@ class OllamaApi:
         chat_lane: Lane,
         embed_lane: Lane,
         watcher: ClientWatcher,
+        watchdog: Watchdog,
         metrics: Metrics,
         budget: ParseBudget,
         *,
@@ -108,7 +117,7 @@ class OllamaApi:
         self._client = client
         self._inventory = inventory
         self._chat_lane, self._embed_lane = chat_lane, embed_lane
-        self._watcher = watcher
+        self._watcher, self._watchdog = watcher, watchdog
         self._metrics = metrics
         self._budget = budget
         self._max_wait = max_wait or None
@@ -145,10 +154,11 @@ class OllamaApi:
 
     def health(self, request: Request) -> WSGIApp:
         snapshot = self._inventory.snapshot
+        target = self._watchdog.health(snapshot)
         body = {
             "status": "ok",
-            "degraded": snapshot.degraded,
-            "reason": snapshot.error,
+            "degraded": target.degraded,
+            "reason": target.reason,  # public: it never names the target's address
             "last_poll_ok_seconds_ago": _age(snapshot.last_success),
             "models": len(snapshot.models),
             "chat": {"in_flight": self._chat_lane.in_flight,
@@ -183,24 +193,31 @@ class OllamaApi:
         ticket = lane.enqueue(work)
         gone = client_gone_check(request)
         try:
-            with self._watcher.watch(
-                gone, lambda: ticket.cancel("client went away", CLIENT_GONE)
-            ):
-                ticket.wait(max_wait)
+            if ticket.state == WAITING:  # only a wait needs watching (most take a free place)
+                with self._watcher.watch(
+                    gone, lambda: ticket.cancel("client went away", CLIENT_GONE)
+                ):
+                    ticket.wait(max_wait)
         finally:
             info.waited_ms = round(ticket.waited * 1000)
             if lane is self._chat_lane:
                 self._metrics.observe_wait(ticket.waited)
-        abort = AbortSignal()
+        generation = lane is self._chat_lane
+        abort = AbortSignal(watched=generation)
         streaming = self._watcher.watch(gone, abort.abort)
         cleanup = [streaming.cancel, ticket.release,
                    lambda: self._metrics.add_chunks(work.chunks)]
+        if generation:
+            cleanup.append(lambda: self._generation_ended(work))
         try:
             try:
                 if gone():
                     raise ApiError(CLIENT_GONE, "client went away")
-                upstream = self._client.open("POST", request.path, body.content(),
-                                             "application/json", abort)
+                upstream: Upstream | Watched = (
+                    self._watchdog.open(request.path, body.content(), model, abort)
+                    if generation else
+                    self._client.open("POST", request.path, body.content(),
+                                      "application/json", abort))
                 if retry_500 and upstream.status == 500:
                     log.info("target answered 500 to %s of %s; retrying once",
                              request.path, model)
@@ -215,9 +232,14 @@ class OllamaApi:
             # From here on relay owns the cleanup, and runs it exactly once.
             return relay(upstream, cleanup, tally=work, json_only=True)
         except TargetTransportError:
-            if abort.aborted:
+            if abort.aborted and not abort.stalled:
                 raise ApiError(CLIENT_GONE, "client went away") from None
             raise
+
+    def _generation_ended(self, work: Work) -> None:
+        if work.answered:
+            self._watchdog.completed()
+        self._inventory.poll_soon()  # so /api/ps shows what this generation loaded
 
     # -- from the inventory ---------------------------------------------------
 
@@ -233,6 +255,15 @@ class OllamaApi:
         return json_response(200, self._known().tags_body or b'{"models":[]}')
 
     def ps(self, request: Request) -> WSGIApp:
+        """Live while the target answers (a poll can be a whole interval old), from the
+        cache while it is degraded or when the live call fails."""
+        if not self._inventory.snapshot.degraded:
+            try:
+                raw, _ = self._client.call("GET", "/api/ps",
+                                           read_timeout=self._inventory.poll_timeout)
+                return json_response(200, raw)
+            except (TargetTransportError, TargetHTTPError, TargetBadAnswer) as exc:
+                log.info("live /api/ps failed, answering from the cache: %s", exc)
         return json_response(200, self._known().ps_body or b'{"models":[]}')
 
     def openai_models(self, request: Request) -> WSGIApp:

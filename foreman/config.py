@@ -196,6 +196,10 @@ class TargetConfig:
     token: str = _key(_secret, "")
     connect_timeout: float = _key(_at_least(0.001, "every call to the target needs time"), 5.0)
     read_timeout: float = _key(_at_least(0.001, "every call to the target needs time"), 600.0)
+    first_token_timeout: float = _key(_at_least(0.001, "a generation needs time to start"),
+                                      600.0)
+    stall_timeout: float = _key(_at_least(0.001, "a live stream needs time between chunks"),
+                                60.0)
     allow_admin: bool = _key(_boolean, False)
 
 
@@ -203,6 +207,7 @@ class TargetConfig:
 class InventoryConfig:
     poll_interval: float = _key(_at_least(0.1, "faster polling only loads the target"), 10.0)
     repoll_cooldown: float = _key(parse_duration, 1.0)
+    poll_timeout: float = _key(_at_least(0.001, "a poll needs time to be answered"), 5.0)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from .store import JobStore
 from .target import TargetClient
 from .warmup import EmbedderWarmer
 from .watch import ClientWatcher
+from .watchdog import TargetHealth, Watchdog
 from .webhook import WebhookNotifier
 from .worker import JobWorker
 
@@ -43,6 +44,7 @@ class Daemon:
     chat_lane: Lane
     embed_lane: Lane
     watcher: ClientWatcher
+    watchdog: Watchdog
     warmer: EmbedderWarmer | None
     store: JobStore
     worker: JobWorker
@@ -59,6 +61,7 @@ class Daemon:
     def start(self) -> None:
         """Start the background pieces and serve on a thread; returns at once."""
         self.watcher.start()
+        self.watchdog.start()
         if self.warmer is not None:
             self.warmer.start()
         self.inventory.start()
@@ -91,6 +94,7 @@ class Daemon:
         self.inventory.stop()
         if self.warmer is not None:
             self.warmer.stop()
+        self.watchdog.stop()
         self.watcher.stop()
         self.server.close(flush_timeout=5.0 if drained else 0.0)
         self.client.close()
@@ -109,7 +113,8 @@ def build_daemon(config: Config) -> Daemon:
         pool_size=threads + 4,
     )
     inventory = Inventory(client, config.inventory.poll_interval,
-                          miss_cooldown=config.inventory.repoll_cooldown)
+                          miss_cooldown=config.inventory.repoll_cooldown,
+                          poll_timeout=config.inventory.poll_timeout)
     estimator = Estimator()
     # The estimator learns from chat-slot work the target answered, nothing else.
     chat_lane = Lane("chat slot", config.chat.concurrency, config.chat.max_queue,
@@ -118,20 +123,25 @@ def build_daemon(config: Config) -> Daemon:
     embed_lane = Lane("embed lane", config.embed.concurrency, config.embed.max_queue)
     metrics = Metrics()
     watcher = ClientWatcher()
+    watchdog = Watchdog(client, watcher, chat_lane,
+                        first_token_timeout=config.target.first_token_timeout,
+                        stall_timeout=config.target.stall_timeout,
+                        probe_interval=config.inventory.poll_interval)
     budget = ParseBudget()
     warmer = None
     if config.embedder.model:
-        warmer = EmbedderWarmer(client, config.embedder.model, config.inventory.poll_interval)
+        warmer = EmbedderWarmer(client, config.embedder.model, config.inventory.poll_interval,
+                                on_loaded=inventory.poll_soon)
         inventory.on_reachable(warmer.request)
     api = OllamaApi(
-        client, inventory, chat_lane, embed_lane, watcher, metrics, budget,
+        client, inventory, chat_lane, embed_lane, watcher, watchdog, metrics, budget,
         max_wait=config.chat.max_wait,
         allow_admin=config.target.allow_admin,
     )
     store = JobStore(config.jobs.db, exclusive=True)
     notifier = WebhookNotifier(render_job)
     worker = JobWorker(
-        store, client, chat_lane, embed_lane, inventory, notifier.notify, metrics,
+        store, client, chat_lane, embed_lane, inventory, watchdog, notifier.notify, metrics,
         generation_workers=config.chat.concurrency,
         embed_workers=config.embed.concurrency or 2,
         max_attempts=config.jobs.max_attempts,
@@ -140,8 +150,11 @@ def build_daemon(config: Config) -> Daemon:
     queue = QueueView(chat_lane, store, worker, inventory, estimator)
     draining = threading.Event()
     jobs = JobsApi(store, worker, inventory, queue, notifier.notify, budget, draining)
-    observe = ObserveApi(queue, metrics)
-    register_gauges(metrics, chat_lane, embed_lane, inventory, store)
+    def target_health() -> TargetHealth:
+        return watchdog.health(inventory.snapshot)
+
+    observe = ObserveApi(queue, metrics, target_health)
+    register_gauges(metrics, chat_lane, embed_lane, inventory, store, target_health)
     public = {api.health, observe.status}
     if config.metrics.public:
         public.add(observe.metrics)
@@ -151,5 +164,5 @@ def build_daemon(config: Config) -> Daemon:
                     check_headers=app.check_headers,
                     header_timeout=config.server.header_timeout,
                     max_connections_per_client=config.server.max_connections_per_client)
-    return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, warmer, store,
-                  worker, notifier, app, server, draining)
+    return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, watchdog, warmer,
+                  store, worker, notifier, app, server, draining)

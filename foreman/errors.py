@@ -95,21 +95,28 @@ def json_response(status: int, body: bytes, headers: dict[str, str] | None = Non
     return Response(body, status=status, headers=headers, content_type="application/json")
 
 
-def error_response(exc: Exception, openai: bool = False) -> Response:
-    """The HTTP answer for any failure; unknown exceptions become a generic 500."""
+def describe_failure(exc: Exception) -> tuple[int, str]:
+    """The status and the words for a failure: the same in an HTTP answer, in a
+    stream's last error line and in a failed job's `error`."""
     if isinstance(exc, ApiError):
-        return json_response(exc.status, error_body(exc.status, exc.message, openai), exc.headers)
+        return exc.status, exc.message
     if isinstance(exc, TargetHTTPError):
-        if exc.content_type.startswith("application/json"):
-            return json_response(exc.status, exc.body)
-        return json_response(exc.status, error_body(exc.status, exc.message, openai))
+        return exc.status, exc.message
     if isinstance(exc, TargetUnreachable):
-        return json_response(502, error_body(502, f"ollama is unreachable: {exc}", openai))
+        return 502, f"ollama is unreachable: {exc}"
     if isinstance(exc, TargetLost):
         if exc.timed_out:
-            return json_response(504, error_body(504, f"ollama stopped responding: {exc}",
-                                                 openai))
-        return json_response(502, error_body(502, f"ollama failed mid-request: {exc}", openai))
+            return 504, f"ollama stopped responding: {exc}"
+        return 502, f"ollama failed mid-request: {exc}"
     if isinstance(exc, TargetBadAnswer):
-        return json_response(502, error_body(502, f"ollama answered badly: {exc}", openai))
-    return json_response(500, error_body(500, "internal error in foreman (see its log)", openai))
+        return 502, f"ollama answered badly: {exc}"
+    return 500, "internal error in foreman (see its log)"
+
+
+def error_response(exc: Exception, openai: bool = False) -> Response:
+    """The HTTP answer for any failure; unknown exceptions become a generic 500."""
+    if isinstance(exc, TargetHTTPError) and exc.content_type.startswith("application/json"):
+        return json_response(exc.status, exc.body)  # the target's own words, as it sent them
+    status, message = describe_failure(exc)
+    headers = exc.headers if isinstance(exc, ApiError) else None
+    return json_response(status, error_body(status, message, openai), headers)

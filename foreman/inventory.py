@@ -98,10 +98,14 @@ class Inventory:
         poll_interval: float,
         miss_cooldown: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        poll_timeout: float | None = None,
     ) -> None:
+        """`poll_timeout`: each poll's read timeout (the client's own when None); a
+        poll that hangs past it is a failed poll."""
         self._client = client
         self._interval = poll_interval
         self._miss_cooldown = miss_cooldown
+        self._poll_timeout = poll_timeout
         self._clock = clock
         self._snapshot = Snapshot()
         self._cond = threading.Condition()
@@ -110,6 +114,10 @@ class Inventory:
         self._wake = threading.Event()
         self.poll_failures = 0
         self._thread = threading.Thread(target=self._run, name="foreman-poller", daemon=True)
+
+    @property
+    def poll_timeout(self) -> float | None:
+        return self._poll_timeout
 
     @property
     def snapshot(self) -> Snapshot:
@@ -189,7 +197,7 @@ class Inventory:
 
     def _fetch(self, route: str) -> tuple[bytes, tuple[dict[str, Any], ...]]:
         try:
-            raw, body = self._client.call("GET", route)
+            raw, body = self._client.call("GET", route, read_timeout=self._poll_timeout)
         except TargetBadAnswer:
             raise ValueError(f"ollama answered GET {route} with a body that is not JSON") from None
         except TargetHTTPError as exc:
@@ -227,9 +235,14 @@ class Inventory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            started = self._clock()
             try:
                 self.refresh()
             except Exception:  # the poller must outlive any surprise
                 log.exception("inventory poll failed unexpectedly")
             self._wake.wait(self._interval)
             self._wake.clear()
+            # An early wake (a generation ended, a pull finished) still waits out
+            # the cooldown: a stream of short generations polls once per cooldown.
+            spacing = min(self._miss_cooldown, self._interval)
+            self._stop.wait(max(0.0, started + spacing - self._clock()))

@@ -8,6 +8,7 @@ served without one and asks the browser's user for the token when needed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from importlib import resources
 
 from werkzeug.routing import Rule
@@ -21,12 +22,13 @@ from .metrics import Metrics
 from .queue_view import QueueView
 from .relay import WSGIApp
 from .store import JobStore
+from .watchdog import TargetHealth
 
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, inventory: Inventory,
-                    store: JobStore) -> None:
+                    store: JobStore, target: Callable[[], TargetHealth]) -> None:
     """Gauges read from their owners at scrape time."""
     metrics.register("foreman_chat_waiting", "Interactive requests and job workers waiting for "
                   "the chat slot.", lambda: [((), chat_lane.waiting)])
@@ -36,8 +38,9 @@ def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, invento
                   "the embed lane.", lambda: [((), embed_lane.waiting)])
     metrics.register("foreman_embed_in_flight", "Embeddings running on the target.",
                   lambda: [((), embed_lane.in_flight)])
-    metrics.register("foreman_target_up", "1 when the last poll of the target succeeded.",
-                  lambda: [((), 0 if inventory.snapshot.degraded else 1)])
+    metrics.register("foreman_target_up", "1 when the last poll of the target succeeded and"
+                     " no generation has stalled since the last one completed.",
+                     lambda: [((), 0 if target().degraded else 1)])
     metrics.register("foreman_target_poll_failures_total", "Failed polls of the target.",
                      lambda: [((), inventory.poll_failures)], kind="counter")
     metrics.register("foreman_jobs", "Jobs in the store, by status.",
@@ -51,8 +54,10 @@ def status_page() -> bytes:
 
 
 class ObserveApi:
-    def __init__(self, queue: QueueView, metrics: Metrics) -> None:
-        self._queue, self._metrics = queue, metrics
+    def __init__(self, queue: QueueView, metrics: Metrics,
+                 target: Callable[[], TargetHealth]) -> None:
+        """`target` tells the target's state in full, for those with the token."""
+        self._queue, self._metrics, self._target = queue, metrics, target
         self._page = status_page()
 
     def rules(self) -> list[Rule]:
@@ -63,7 +68,10 @@ class ObserveApi:
         ]
 
     def queue(self, request: Request) -> WSGIApp:
-        return json_response(200, json.dumps(self._queue.snapshot()).encode())
+        target = self._target()
+        view = {**self._queue.snapshot(),
+                "target": {"degraded": target.degraded, "reason": target.detail}}
+        return json_response(200, json.dumps(view).encode())
 
     def metrics(self, request: Request) -> WSGIApp:
         return Response(self._metrics.render(), content_type=PROMETHEUS_TEXT)

@@ -21,7 +21,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from .errors import TargetBadAnswer, TargetTransportError, error_body
+from .errors import TargetBadAnswer, TargetTransportError, describe_failure, error_body
 from .target import Upstream
 
 StartResponse = Callable[..., Any]
@@ -104,10 +104,11 @@ class StreamedBody:
             tally.answered = self._upstream.status < 300 and not last.startswith(b'{"error"')
         except TargetTransportError as exc:
             # As Ollama does: an error after the stream started is a last line.
+            status, message = describe_failure(exc)
             if self._sse:
-                yield b"data: " + error_body(502, str(exc), openai=True) + b"\n\n"
+                yield b"data: " + error_body(status, message, openai=True) + b"\n\n"
             else:
-                yield error_body(502, str(exc)) + b"\n"
+                yield error_body(status, message) + b"\n"
 
     def close(self) -> None:
         with self._close_lock:

@@ -53,16 +53,23 @@ class AbortSignal:
     connected, so an abort that came in between still cuts it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, watched: bool = False) -> None:
+        """`watched`: a watchdog times this request, so its socket waits without a
+        timeout of its own once connected (sending the body included)."""
         self._lock = threading.Lock()
         # Weakly: urllib3 drops a connection that failed without handing it back
         # to the pool, and a strong link both ways would then be a cycle.
         self._conn: weakref.ref[Any] | None = None
         self.aborted = False
+        self.watched = watched
+        self.stalled: str | None = None  # why a watchdog cut it, if one did
 
-    def abort(self) -> None:
-        """Idempotent; call again if it may have raced a connection being opened."""
+    def abort(self, stalled: str | None = None) -> None:
+        """Idempotent; call again if it may have raced a connection being opened.
+        `stalled` says the target stopped responding, and how."""
         with self._lock:
+            if not self.aborted:
+                self.stalled = stalled
             self.aborted = True
             sock = getattr(self._conn and self._conn(), "sock", None)
             if sock is not None:
@@ -112,13 +119,22 @@ class _AbortablePoolMixin:
 
 
 class _ReportingConnectionMixin:
-    """A urllib3 connection that tells its abort signal when its socket exists."""
+    """A urllib3 connection that tells its abort signal when its socket exists, and
+    sends a watched request with no socket timeout: its watchdog decides."""
 
     def connect(self) -> None:
         super().connect()  # type: ignore[misc]
         signal = getattr(self, "foreman_abort_signal", None)
         if signal is not None:
             signal._connected(self)
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        signal = getattr(self, "foreman_abort_signal", None)
+        if signal is not None and signal.watched:
+            if self.sock is None:  # type: ignore[attr-defined]
+                self.connect()  # within the connect timeout, as usual
+            self.timeout = None  # urllib3 applies it to the socket for the send
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
 class Upstream:
@@ -235,10 +251,13 @@ class TargetClient:
         body: Any = None,
         content_type: str | None = None,
         abort: AbortSignal | None = None,
+        read_timeout: float | None = None,
     ) -> Upstream:
         """Send a request and return once the response headers arrived.
 
-        Any status is returned as is; only transport failures raise.
+        Any status is returned as is; only transport failures raise.  The read
+        timeout is the client's own unless `read_timeout` is given, and none at
+        all for a request its abort signal says is watched.
         """
         headers = {**self._headers, "Content-Type": content_type} if content_type \
             else self._headers
@@ -246,9 +265,15 @@ class TargetClient:
         # merge cookies, proxies and hooks we never use, at ~0.3 ms a request.
         prepared = requests.PreparedRequest()
         prepared.prepare(method=method, url=self.url + path, headers=headers, data=body)
+        if abort is not None and abort.watched:
+            timeout: tuple[float, float | None] = (self._timeout[0], None)
+        elif read_timeout is not None:
+            timeout = (min(self._timeout[0], read_timeout), read_timeout)
+        else:
+            timeout = self._timeout
         self._requesting.signal = abort
         try:
-            response = self._adapter.send(prepared, stream=True, timeout=self._timeout)
+            response = self._adapter.send(prepared, stream=True, timeout=timeout)
         except _TRANSPORT_ERRORS as exc:
             raise _transport_error(exc, abort, _classify(exc, self.display_url)) from None
         finally:
@@ -261,6 +286,7 @@ class TargetClient:
         path: str,
         payload: Any = None,
         abort: AbortSignal | None = None,
+        read_timeout: float | None = None,
     ) -> tuple[bytes, Any]:
         """A JSON request whose whole answer is wanted: returns (raw body, parsed JSON).
 
@@ -269,7 +295,8 @@ class TargetClient:
         """
         body = None if payload is None else json.dumps(payload).encode()
         upstream = self.open(
-            method, path, body, "application/json" if body is not None else None, abort
+            method, path, body, "application/json" if body is not None else None, abort,
+            read_timeout,
         )
         try:
             raw = upstream.read()
@@ -303,6 +330,8 @@ def _transport_error(exc: BaseException, abort: AbortSignal | None,
             traceback.clear_frames(link.__traceback__)  # the running frames are skipped
             chain += (link.__cause__, link.__context__)
     if abort is not None and abort.aborted:
+        if abort.stalled:
+            return TargetLost(abort.stalled, timed_out=True)
         return TargetLost("request aborted")
     return error
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from .errors import TargetBadAnswer, TargetHTTPError, TargetTransportError
 from .target import TargetClient
@@ -19,8 +20,12 @@ log = logging.getLogger("foreman.warmup")
 
 
 class EmbedderWarmer:
-    def __init__(self, client: TargetClient, model: str, retry_interval: float) -> None:
+    def __init__(self, client: TargetClient, model: str, retry_interval: float,
+                 on_loaded: Callable[[], None] = lambda: None) -> None:
+        """`on_loaded` hears about each warm-up that loaded the model (the inventory
+        polls again, so /api/ps shows it at once)."""
         self._client, self.model, self._retry = client, model, retry_interval
+        self._on_loaded = on_loaded
         self._wanted = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="foreman-warmup", daemon=True)
@@ -57,4 +62,5 @@ class EmbedderWarmer:
             log.error("embedder warm-up of %s refused by the target: %s", self.model, exc)
             return False
         log.info("embedder %s loaded with keep_alive -1", self.model)
+        self._on_loaded()
         return True

@@ -1,11 +1,13 @@
-"""Notices clients that went away, for work that is not writing to them.
+"""Notices, for work that is blocked, that something it waits on is gone.
 
 A request waiting for the chat slot, or a stream whose model is still
 processing the prompt, writes nothing, so a failed write cannot reveal that
-its client left.  One thread polls every registered client's "gone?" check
-(waitress's `client_disconnected`) and calls the registration's `on_gone`,
-again on every tick until it is cancelled, so an action that raced with the
-work it cancels gets another chance.
+its client left; and a generation blocked reading from the target cannot
+notice that the target went silent.  One thread polls every registered
+"gone?" check (waitress's `client_disconnected`, or a watchdog clock) and
+calls the registration's `on_gone`, again on every tick until it is
+cancelled, so an action that raced with the work it cancels gets another
+chance.
 """
 
 from __future__ import annotations

@@ -12,8 +12,9 @@ to see the target again.  Anything else once the target took the work (a
 5xx, a timeout, a dropped connection, an answer that is not Ollama's, a fault
 of foreman's own) spends an attempt: retried with backoff until
 `max_attempts`, then failed with an error that says what happened.  A
-cancelled running job has its upstream request aborted.  Finished jobs go to
-the webhook notifier.
+generation runs under the watchdog's clocks; while a stall degrades foreman,
+workers wait without spending attempts.  A cancelled running job has its
+upstream request aborted.  Finished jobs go to the webhook notifier.
 """
 
 from __future__ import annotations
@@ -27,12 +28,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import TargetBadAnswer, TargetHTTPError, TargetLost, TargetUnreachable
+from .errors import (
+    TargetBadAnswer,
+    TargetHTTPError,
+    TargetLost,
+    TargetUnreachable,
+    describe_failure,
+)
 from .inventory import Inventory
 from .lane import BATCH, Lane, WaitCancelled, Work
 from .metrics import Metrics
 from .store import EMBED_KINDS, GENERATION_KINDS, Job, JobStore, StoreUnavailable
 from .target import AbortSignal, TargetClient
+from .watchdog import Watchdog
 
 log = logging.getLogger("foreman.jobs")
 
@@ -60,6 +68,7 @@ class JobWorker:
         chat_lane: Lane,
         embed_lane: Lane,
         inventory: Inventory,
+        watchdog: Watchdog,
         notify: Callable[[Job], None],
         metrics: Metrics,
         *,
@@ -70,6 +79,7 @@ class JobWorker:
     ) -> None:
         self._store, self._client = store, client
         self._inventory, self._notify, self._metrics = inventory, notify, metrics
+        self._watchdog = watchdog
         self._max_attempts, self._retention = max_attempts, retention
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -156,6 +166,11 @@ class JobWorker:
             # Jobs wait for the target instead of failing against it.
             self._inventory.wait_for(lambda s: not s.degraded or self._stop.is_set(), 1.0)
             return
+        if self._watchdog.stall is not None:
+            # A stalled target answers its tags but not its generations: wait for a
+            # generation (or the watchdog's probe) to complete again.
+            self._watchdog.wait_until_answering(1.0)
+            return
         head = self._store.peek(kinds)
         if head is None:
             ready_at = self._store.next_ready_at(kinds)
@@ -192,7 +207,7 @@ class JobWorker:
 
     def _run(self, job: Job) -> bool:
         """Run one claimed job to a new state; returns whether the target answered it."""
-        item = Running(job, AbortSignal())
+        item = Running(job, AbortSignal(watched=job.kind in GENERATION_KINDS))
         with self._lock:
             self._running[job.id] = item
         started = time.monotonic()
@@ -203,6 +218,9 @@ class JobWorker:
             self._after_failure(item, exc)
             return False
         else:
+            if job.kind in GENERATION_KINDS:
+                self._watchdog.completed()
+                self._inventory.poll_soon()  # so /api/ps shows what it loaded
             self._record(job, "succeeded", lambda: self._finish(job, "succeeded",
                                                                 result_json=result_json))
             return True
@@ -214,7 +232,7 @@ class JobWorker:
 
     def _after_failure(self, item: Running, exc: Exception) -> None:
         job = item.job
-        if item.abort.aborted:
+        if item.abort.aborted and not item.abort.stalled:
             if not self._stop.is_set():
                 return  # cancelled: the store already says so
             # Cut by the shutdown: the next start runs it again, at no cost.
@@ -230,7 +248,7 @@ class JobWorker:
         if isinstance(exc, TargetHTTPError) and exc.status < 500:
             self._record(job, "failed", lambda: self._finish(job, "failed", error=exc.message))
             return
-        error = _describe_failure(exc)
+        error = describe_failure(exc)[1]
         if not isinstance(exc, (TargetHTTPError, TargetLost, TargetBadAnswer)):
             log.error("job %s failed inside foreman", job.id, exc_info=exc)
         if job.attempts >= self._max_attempts:
@@ -273,8 +291,7 @@ class JobWorker:
     def _generate(self, item: Running) -> str:
         job = item.job
         body = json.dumps({**job.request, "stream": True}).encode()
-        upstream = self._client.open("POST", f"/api/{job.kind}", body, "application/json",
-                                     item.abort)
+        upstream = self._watchdog.open(f"/api/{job.kind}", body, job.model, item.abort)
         try:
             if upstream.status != 200:
                 raise TargetHTTPError(upstream.status, upstream.read(), upstream.content_type)
@@ -305,16 +322,6 @@ def _stream_chunk(line: bytes) -> dict[str, Any]:
     if not isinstance(chunk, dict):
         raise TargetBadAnswer(f"a stream line that is not a JSON object: {line[:80]!r}")
     return chunk
-
-
-def _describe_failure(exc: Exception) -> str:
-    if isinstance(exc, TargetHTTPError):
-        return exc.message
-    if isinstance(exc, TargetLost):
-        return f"ollama failed mid-request: {exc}"
-    if isinstance(exc, TargetBadAnswer):
-        return f"ollama answered badly: {exc}"
-    return f"internal error in foreman: {type(exc).__name__}: {exc}"
 
 
 class _Assembly:

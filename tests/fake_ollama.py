@@ -66,7 +66,9 @@ class Received:
 class Fault:
     """One queued misbehaviour for the next request to a route."""
 
-    kind: str  # status | garbage | hang | die_after | error_after | truncate_after | line_after
+    # status | garbage | hang | die_after | error_after | truncate_after | line_after |
+    # pause_after (silence for `seconds` before token `after`, then carry on)
+    kind: str
     status: int = 500
     body: bytes = b'{"error":"something went wrong"}'
     ctype: str = "application/json; charset=utf-8"
@@ -459,10 +461,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, final)
             return
         self._start_stream()
+        for i in range(int((body.get("options") or {}).get("fake_thinking", 0))):
+            self._pause(knobs.token_delay)  # a thinking model streams its thinking first
+            part = {"role": "assistant", "content": "", "thinking": f"think{i} "}
+            chunk = {"model": model, "created_at": CREATED_AT, "done": False,
+                     **({"message": part} if kind == "chat" else
+                        {"response": "", "thinking": part["thinking"]})}
+            self._chunk(json.dumps(chunk, separators=(",", ":")).encode() + b"\n")
         for i in range(count):
             breaks_here = fault is not None and i == fault.after
             if breaks_here and fault.kind == "line_after":
                 self._chunk(fault.body + b"\n")  # a line Ollama would never send
+            elif breaks_here and fault.kind == "pause_after":
+                self._pause(fault.seconds)
             elif breaks_here and fault.kind in ("die_after", "error_after", "truncate_after"):
                 if fault.kind == "error_after":
                     self._chunk(b'{"error":"an error was encountered while running the model"}\n')

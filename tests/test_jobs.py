@@ -337,13 +337,14 @@ def test_a_timeout_after_the_target_took_the_work_spends_an_attempt(
         make_foreman: Callable[..., Daemon], fake: FakeOllama,
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
-    daemon = make_foreman(target={"read_timeout": "300ms"}, jobs={"max_attempts": 2})
+    daemon = make_foreman(target={"first_token_timeout": "300ms"}, jobs={"max_attempts": 2},
+                          inventory={"poll_interval": "100ms"})
     for _ in range(2):
         fake.fault("/api/chat", Fault("hang", seconds=3))
     done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
     assert done["status"] == "failed" and done["attempts"] == 2
-    assert done["error"] == (f"ollama failed mid-request: ollama at {fake.url} timed out"
-                             " (after 2 attempts)")
+    assert done["error"] == ("ollama stopped responding: no output for 300ms after a"
+                             " generation of llama3 was sent (after 2 attempts)")
 
 
 def test_a_refused_connection_waits_without_spending_attempts(

@@ -251,7 +251,7 @@ def test_estimates_learn_only_from_answered_generations(
         make_foreman: Callable[..., Daemon], fake: FakeOllama) -> None:
     """Regression (issue 13.5): every lease release was learned, so one real 2 s sample fell
     to 0.34 s after five 400s.  Refusals, clients that left and hangs teach nothing."""
-    daemon = make_foreman(target={"read_timeout": "300ms"})
+    daemon = make_foreman(target={"first_token_timeout": "300ms"})
     fake.token_delay = 0.1
     answered = requests.post(daemon.url + "/api/chat", json=CHAT, timeout=10)
     assert answered.status_code == 200 and json.loads(answered.text.splitlines()[-1])["done"]

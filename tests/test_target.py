@@ -83,7 +83,9 @@ class _OneLine:
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
         with conn:
-            conn.recv(65536)
+            request = b""
+            while not request.endswith(b"\r\n\r\n{}"):  # all of it: unread input resets
+                request += conn.recv(65536)
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
             head, tail = b'{"response":"', b'","done":true}\n'
