@@ -2,10 +2,11 @@
 
 On a Mac the classic failure is "tags fine, chat dead": Ollama answers its
 model lists, accepts a generation, and then sends nothing.  So every
-generation (interactive or a job) runs under two clocks: from sending it to
-its first output, `first_token_timeout` (a cold load plus long prompt
-processing can take minutes), then between chunks, `stall_timeout` (a live
-Ollama streams a token every few milliseconds to a few hundred).  The client
+generation (interactive or a job) runs under clocks: while its request is
+being sent, each block must be taken within `stall_timeout`; from then to its
+first output, `first_token_timeout` (a cold load plus long prompt processing
+can take minutes); then between chunks, `stall_timeout` again (a live Ollama
+streams a token every few milliseconds to a few hundred).  The client
 watcher's thread checks the clocks; a generation past one has its upstream
 request aborted, which frees its lane at once and answers its client with
 Ollama-shaped "ollama stopped responding".
@@ -20,14 +21,15 @@ logged once.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
+from .body import SizedBody
 from .config import format_duration
 from .errors import TargetHTTPError, TargetTransportError
 from .inventory import Snapshot
@@ -39,28 +41,62 @@ log = logging.getLogger("foreman.watchdog")
 
 
 class Clock:
-    """A generation's two clocks: to its first output, then between outputs."""
+    """A generation's clocks: while its request is sent, each block the target takes
+    is due within `between`; once it is sent, the first output within
+    `first_output`; after that, each output within `between`."""
 
-    def __init__(self, model: str, first_output: float, between_outputs: float) -> None:
+    def __init__(self, model: str, first_output: float, between: float) -> None:
         self.model = model
-        self._first_output, self._between = first_output, between_outputs
-        self._started = time.monotonic()
-        self._last: float | None = None
+        self._first_output, self._between = first_output, between
+        self._sending = time.monotonic()  # the last block of the request taken
+        self._sent: float | None = None
+        self._output: float | None = None  # the last output received
+
+    def took_some(self) -> None:
+        self._sending = time.monotonic()
+
+    def sent(self) -> None:
+        self._sent = time.monotonic()
 
     def progressed(self) -> None:
-        self._last = time.monotonic()
+        self._output = time.monotonic()
 
     def overdue(self) -> str | None:
         """Why the generation counts as stalled now, or None."""
         now = time.monotonic()
-        if self._last is None:
-            if now - self._started > self._first_output:
+        between = format_duration(self._between)
+        if self._sent is None:
+            if now - self._sending > self._between:
+                return (f"it took none of the request for {between} while a generation of"
+                        f" {self.model} was being sent")
+        elif self._output is None:
+            if now - self._sent > self._first_output:
                 return (f"no output for {format_duration(self._first_output)} after a"
                         f" generation of {self.model} was sent")
-        elif now - self._last > self._between:
-            return (f"no output for {format_duration(self._between)} in the middle of a"
-                    f" generation of {self.model}")
+        elif now - self._output > self._between:
+            return f"no output for {between} in the middle of a generation of {self.model}"
         return None
+
+
+class _Sending:
+    """A generation's request body, telling its clock about each block the socket
+    takes (requests sends a sized file-like body block by block)."""
+
+    def __init__(self, body: bytes | SizedBody, clock: Clock) -> None:
+        self._body: SizedBody | io.BytesIO = io.BytesIO(body) if isinstance(body, bytes) \
+            else body
+        self._length, self._clock = len(body), clock
+
+    def __len__(self) -> int:
+        return self._length
+
+    def read(self, size: int = -1) -> bytes:
+        block = self._body.read(size)
+        if block:
+            self._clock.took_some()
+        else:
+            self._clock.sent()
+        return block
 
 
 class Watched:
@@ -125,7 +161,7 @@ class Watchdog:
         with self._cond:
             self._cond.notify_all()
 
-    def open(self, path: str, body: Any, model: str, abort: AbortSignal,
+    def open(self, path: str, body: bytes | SizedBody, model: str, abort: AbortSignal,
              first_output: float | None = None) -> Watched:
         """Send a generation under the clocks (sending its body included).  A stall
         raises, or ends the stream, with TargetLost(timed_out=True)."""
@@ -134,7 +170,8 @@ class Watchdog:
         watch = self._watcher.watch(lambda: clock.overdue() is not None,
                                     lambda: self._stalled(clock, abort))
         try:
-            upstream = self._client.open("POST", path, body, "application/json", abort)
+            upstream = self._client.open("POST", path, _Sending(body, clock),
+                                         "application/json", abort)
         except BaseException:
             watch.cancel()
             raise
