@@ -28,28 +28,11 @@ from typing import Any
 
 import requests
 
-from bench.common import Child, machine, summary
+from bench.common import machine, start_foreman, summary
 from tests.fake_ollama import FakeOllama, Fault
 from tests.http_raw import ChunkReader
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
-
-
-def start_foreman(fake: FakeOllama, extra: str) -> Child:
-    import tempfile
-    from pathlib import Path
-
-    folder = Path(tempfile.mkdtemp())
-    config = folder / "bench.yaml"
-    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n{extra}"
-                      f"jobs:\n  db: {folder / 'bench.db'}\n")
-    child = Child(["foreman.py", "-c", str(config)], r"foreman serving on (http://\S+),",
-                  stream="stderr")
-    deadline = time.monotonic() + 10
-    while requests.get(child.url + "/healthz", timeout=5).json()["degraded"]:
-        assert time.monotonic() < deadline, "foreman never saw the target"
-        time.sleep(0.02)
-    return child
 
 
 def chats_received(fake: FakeOllama, count: int, timeout: float = 60) -> list[float]:
@@ -119,10 +102,11 @@ def main() -> None:
                                "poll_timeout_s": args.poll_timeout,
                                "poll_interval_s": args.poll_interval}
     fake = FakeOllama().start()
-    foreman = start_foreman(fake, (
-        f"  first_token_timeout: {args.clock}s\n  stall_timeout: {args.clock}s\n"
-        f"inventory:\n  poll_interval: {args.poll_interval}s\n"
-        f"  poll_timeout: {args.poll_timeout}s\n"))
+    foreman = start_foreman(
+        fake.url,
+        extra=(f"inventory:\n  poll_interval: {args.poll_interval}s\n"
+               f"  poll_timeout: {args.poll_timeout}s\n"),
+        target_extra=f"  first_token_timeout: {args.clock}s\n  stall_timeout: {args.clock}s\n")
     try:
         results["before_first_token_s"] = summary(
             [before_first_token(fake, foreman.url) for _ in range(args.rounds)])

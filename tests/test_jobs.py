@@ -316,35 +316,30 @@ def test_a_stream_line_ollama_never_sends_fails_the_job_not_strands_it(
     assert hook.received[-1]["status"] == "failed"
 
 
+@pytest.mark.parametrize(("fault", "settings", "error"), [
+    (Fault("die_after", after=1), {},
+     "ollama failed mid-request: connection to ollama lost mid-response"
+     " (ChunkedEncodingError) (after 3 attempts)"),
+    (Fault("hang", seconds=3),
+     {"target": {"first_token_timeout": "300ms"}, "inventory": {"poll_interval": "100ms"}},
+     "ollama stopped responding: no output for 300ms after a generation of llama3 was sent"
+     " (after 3 attempts)"),
+], ids=["connection lost mid-stream", "no first token"])
 def test_a_job_that_keeps_breaking_the_target_spends_its_attempts(
         make_foreman: Callable[..., Daemon], fake: FakeOllama,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Regression (issue 13.2): a connection lost after the target accepted the work was
-    taken for an outage and requeued for free: 8 cuts gave 9 target requests and
-    attempts=1.  Once the target took the work, a failure spends an attempt."""
+        monkeypatch: pytest.MonkeyPatch, fault: Fault, settings: dict, error: str) -> None:
+    """Regression (issue 13.2): a timeout, or a connection lost after the target accepted
+    the work, was taken for an outage and requeued for free: 8 cuts gave 9 target
+    requests and attempts=1.  Once the target took the work, a failure spends an
+    attempt, and the job fails after max_attempts saying what happened."""
     monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
-    daemon = make_foreman(jobs={"max_attempts": 3})
+    daemon = make_foreman(jobs={"max_attempts": 3}, **settings)
     for _ in range(8):
-        fake.fault("/api/chat", Fault("die_after", after=1))
+        fake.fault("/api/chat", fault)
     done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
     assert done["status"] == "failed" and done["attempts"] == 3
-    assert done["error"] == ("ollama failed mid-request: connection to ollama lost"
-                             " mid-response (ChunkedEncodingError) (after 3 attempts)")
+    assert done["error"] == error
     assert len(fake.requests_to("/api/chat")) == 3
-
-
-def test_a_timeout_after_the_target_took_the_work_spends_an_attempt(
-        make_foreman: Callable[..., Daemon], fake: FakeOllama,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("foreman.worker.retry_delay", lambda attempts: 0.05)
-    daemon = make_foreman(target={"first_token_timeout": "300ms"}, jobs={"max_attempts": 2},
-                          inventory={"poll_interval": "100ms"})
-    for _ in range(2):
-        fake.fault("/api/chat", Fault("hang", seconds=3))
-    done = wait_job(daemon, submit(daemon, "chat", CHAT).json()["id"])
-    assert done["status"] == "failed" and done["attempts"] == 2
-    assert done["error"] == ("ollama stopped responding: no output for 300ms after a"
-                             " generation of llama3 was sent (after 2 attempts)")
 
 
 def test_a_refused_connection_waits_without_spending_attempts(
