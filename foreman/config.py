@@ -355,7 +355,11 @@ def load_config(
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
-    config = parse_config(data, source)
+    return with_environment(parse_config(data, source), environ)
+
+
+def with_environment(config: Config, environ: Mapping[str, str]) -> Config:
+    """The config with FOREMAN_TOKEN and FOREMAN_TARGET_TOKEN applied."""
     # An empty variable counts as unset: `FOREMAN_TOKEN=` left over in a service
     # file must not silently switch off the token the config file sets.
     if environ.get("FOREMAN_TOKEN"):

@@ -2,21 +2,26 @@
 
 Nothing else constructs a collaborator for itself; `build_daemon` is the one
 function that knows the whole shape, and `Daemon` starts and stops the pieces
-in order.  Tests build the same daemon on an ephemeral port.
+in order.  `Foreman` is the public face of the same thing, for running foreman
+inside a Python program.  Tests build the same daemon on an ephemeral port.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from .api import OllamaApi
 from .app import ForemanApp
 from .body import ParseBudget
-from .config import Config
+from .client import ForemanError
+from .config import Config, ConfigError, load_config, parse_config, with_environment
 from .estimates import Estimator
 from .inventory import Inventory
 from .jobs_api import JobsApi, render_job
@@ -25,7 +30,7 @@ from .metrics import Metrics
 from .observe import ObserveApi, register_gauges
 from .queue_view import QueueView
 from .server import Server
-from .store import JobStore
+from .store import JobStore, StoreCorrupt, StoreInUse
 from .target import TargetClient
 from .warmup import EmbedderWarmer
 from .watch import ClientWatcher
@@ -101,6 +106,57 @@ class Daemon:
         self.store.close()
         log.info("foreman stopped")
         return drained
+
+
+class Foreman:
+    """foreman inside the calling process: the whole daemon on threads, no subprocess.
+
+    `config` is a mapping shaped like the YAML file, or the path of one; it is
+    validated exactly as the command line does it (the FOREMAN_* variables
+    included).  `start()` serves (on the real port when port 0 was asked:
+    see `url`); `stop()` drains and stops as SIGTERM does.  A config problem, a
+    job store in use or a port that cannot be bound raises ForemanError.
+    """
+
+    def __init__(self, config: Mapping[str, Any] | str | os.PathLike[str]) -> None:
+        try:
+            if isinstance(config, (str, os.PathLike)):
+                self.config = load_config(os.fspath(config))
+            else:
+                self.config = with_environment(parse_config(dict(config), "<dict>"),
+                                               os.environ)
+        except ConfigError as exc:
+            raise ForemanError(None, f"config error: {exc}") from None
+        self._daemon: Daemon | None = None
+
+    @property
+    def url(self) -> str:
+        if self._daemon is None:
+            raise ForemanError(None, "foreman is not running: call start() first")
+        return self._daemon.url
+
+    def start(self) -> Foreman:
+        if self._daemon is None:
+            try:
+                self._daemon = build_daemon(self.config)
+            except (StoreCorrupt, StoreInUse) as exc:
+                raise ForemanError(None, str(exc)) from None
+            except OSError as exc:
+                raise ForemanError(None, f"cannot listen on {self.config.listen}:"
+                                         f" {exc.strerror or exc}") from None
+            self._daemon.start()
+        return self
+
+    def stop(self) -> bool:
+        """Drain and stop; returns whether everything in flight finished in time."""
+        daemon, self._daemon = self._daemon, None
+        return True if daemon is None else daemon.shutdown()
+
+    def __enter__(self) -> Foreman:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def build_daemon(config: Config) -> Daemon:

@@ -1,9 +1,9 @@
 """`foreman jobs ...`: use a running daemon's job queue from a shell script.
 
-The daemon's address and token come from the same config file it runs with.
-Every command prints JSON on stdout; `wait` exits 0 when the job succeeded,
-1 when it ended otherwise or the wait ran out, and errors exit 1 with the
-daemon's message on stderr.
+The daemon's address and token come from the same config file it runs with;
+the verbs are foreman.Client's.  Every command prints JSON on stdout; `wait`
+exits 0 when the job succeeded, 1 when it ended otherwise or the wait ran
+out, and errors exit 1 with the daemon's message on stderr.
 """
 
 from __future__ import annotations
@@ -11,14 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from typing import Any
 
-import requests
-
+from .client import Client, ForemanError
 from .config import Config
-
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def add_jobs_parser(subparsers: Any) -> None:
@@ -38,7 +34,8 @@ def add_jobs_parser(subparsers: Any) -> None:
     listing.add_argument("--kind")
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--after", help="the cursor from a previous page")
-    for verb, text in (("show", "print one job"), ("cancel", "cancel a job")):
+    for verb, text in (("show", "print one job"), ("cancel", "cancel a job"),
+                       ("delete", "delete a finished job")):
         verbs.add_parser(verb, help=text).add_argument("id")
     wait = verbs.add_parser("wait", help="wait for a job to end and print it")
     wait.add_argument("id")
@@ -65,66 +62,43 @@ def build_request(args: argparse.Namespace) -> dict[str, Any]:
     return request
 
 
-class DaemonClient:
-    def __init__(self, config: Config) -> None:
-        host = config.listen.host
-        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-        host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
-        self.base = f"http://{host}:{config.listen.port}"
-        self.session = requests.Session()
-        self.session.trust_env = False
-        if config.token:
-            self.session.headers["Authorization"] = f"Bearer {config.token}"
-
-    def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self.session.request(method, self.base + path, timeout=90, **kwargs)
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": response.text.strip() or f"HTTP {response.status_code}"}
-        if response.status_code >= 400:
-            raise RuntimeError(body.get("error", body) if isinstance(body, dict) else body)
-        return body
+def daemon_url(config: Config) -> str:
+    """Where the daemon that runs with this config answers."""
+    host = config.listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host = "[::1]" if host == "::" else (f"[{host}]" if ":" in host else host)
+    return f"http://{host}:{config.listen.port}"
 
 
 def run_jobs(config: Config, args: argparse.Namespace) -> int:
-    client = DaemonClient(config)
+    if config.listen.port == 0:
+        print("foreman: the config listens on port 0 (a port chosen at start), so there is"
+              " no daemon address to use; give the port the daemon printed", file=sys.stderr)
+        return 1
+    client = Client(daemon_url(config), config.token)
     try:
-        outcome = _dispatch(client, args)
-    except (RuntimeError, ValueError) as exc:
-        print(f"foreman: {exc}", file=sys.stderr)
+        document, code = _dispatch(client, args)
+    except (ForemanError, ValueError) as exc:
+        message = exc.message if isinstance(exc, ForemanError) else str(exc)
+        print(f"foreman: {message}", file=sys.stderr)
         return 1
-    except requests.RequestException as exc:
-        print(f"foreman: cannot reach the daemon at {client.base}: {type(exc).__name__}",
-              file=sys.stderr)
-        return 1
-    document, code = outcome
+    finally:
+        client.close()
     print(json.dumps(document, indent=2))
     return code
 
 
-def _dispatch(client: DaemonClient, args: argparse.Namespace) -> tuple[Any, int]:
+def _dispatch(client: Client, args: argparse.Namespace) -> tuple[Any, int]:
     if args.verb == "submit":
-        body: dict[str, Any] = {"kind": args.kind, "request": build_request(args),
-                                "priority": args.priority}
-        if args.webhook:
-            body["webhook"] = args.webhook
-        headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
-        return client.call("POST", "/jobs", json=body, headers=headers), 0
+        return client.submit(args.kind, build_request(args), priority=args.priority,
+                             webhook=args.webhook, idempotency_key=args.idempotency_key), 0
     if args.verb == "list":
-        params = {k: v for k, v in (("status", args.status), ("kind", args.kind),
-                                    ("limit", args.limit), ("after", args.after)) if v}
-        return client.call("GET", "/jobs", params=params), 0
+        return client.page(args.status, args.kind, args.limit, args.after), 0
     if args.verb == "show":
-        return client.call("GET", f"/jobs/{args.id}"), 0
+        return client.get(args.id), 0
     if args.verb == "cancel":
-        return client.call("POST", f"/jobs/{args.id}/cancel"), 0
-    deadline = time.monotonic() + args.timeout if args.timeout else None
-    while True:
-        left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
-        asked = time.monotonic()
-        job = client.call("GET", f"/jobs/{args.id}", params={"wait": f"{left:.3f}"})
-        if job["status"] in FINAL or (deadline is not None and time.monotonic() >= deadline):
-            return job, 0 if job["status"] == "succeeded" else 1
-        if time.monotonic() - asked < 1.0:
-            time.sleep(1.0)  # the daemon had no long-poll to spare: do not spin
+        return client.cancel(args.id), 0
+    if args.verb == "delete":
+        return client.delete(args.id), 0
+    job = client.wait(args.id, args.timeout or None)
+    return job, 0 if job["status"] == "succeeded" else 1
