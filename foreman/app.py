@@ -25,7 +25,7 @@ from werkzeug.exceptions import HTTPException, MethodNotAllowed, NotFound
 from werkzeug.routing import Map, RequestRedirect, Rule
 from werkzeug.wrappers import Request
 
-from .api import RequestInfo
+from .api import CLIENT_GONE, RequestInfo
 from .errors import (
     ApiError,
     TargetBadAnswer,
@@ -48,7 +48,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 class _Finished:
     """Wraps a response body to learn when it is done, adding no per-chunk work."""
 
-    def __init__(self, body: Iterable[bytes], on_done: Callable[[], None]) -> None:
+    def __init__(self, body: Iterable[bytes], on_done: Callable[[Iterable[bytes]], None]
+                 ) -> None:
         self._body, self._on_done = body, on_done
 
     def __iter__(self) -> Iterator[bytes]:
@@ -60,7 +61,7 @@ class _Finished:
             if close is not None:
                 close()
         finally:
-            self._on_done()
+            self._on_done(self._body)
 
 
 class ForemanApp:
@@ -107,7 +108,11 @@ class ForemanApp:
                 headers.append(("X-Foreman-Queue-Wait-Ms", str(info.waited_ms)))
             return start_response(status, headers, exc_info)
 
-        def done() -> None:
+        def done(body: Iterable[bytes] | None = None) -> None:
+            if getattr(body, "complete", True) is False:
+                # A stream whose client left: logged as a client that left while it
+                # waited is, not as the 200 its headers said.
+                status_seen[0] = str(CLIENT_GONE)
             try:
                 self._metrics.count_request(info.route, environ.get("REQUEST_METHOD", ""),
                                             status_seen[0])

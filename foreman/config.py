@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,8 @@ def parse_duration(value: Any) -> float:
 
 def format_duration(seconds: float) -> str:
     """The shortest way to write `seconds` in the units parse_duration reads."""
+    if seconds == 0:
+        return "0s"
     for unit, size in (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0)):
         if seconds >= size and (seconds / size).is_integer():
             return f"{seconds / size:.0f}{unit}"
@@ -77,6 +80,7 @@ def _at_least(minimum: float, why: str) -> Callable[[Any], float]:
                                 f" got {value!r}")
         return seconds
 
+    parse.unit = "duration"  # type: ignore[attr-defined]
     return parse
 
 
@@ -95,6 +99,13 @@ def parse_size(value: Any) -> int:
     if size <= 0:
         raise _ValueProblem(f"a size must be positive, got {value!r}")
     return size
+
+
+# How --check writes a parsed value back: in the units people write.
+parse_duration.unit = "duration"  # type: ignore[attr-defined]
+parse_size.unit = "size"  # type: ignore[attr-defined]
+_FORMATS: dict[str, Callable[[Any], str]] = {"duration": lambda v: format_duration(v),
+                                             "size": lambda v: format_size(v)}
 
 
 def _non_negative_int(value: Any) -> int:
@@ -186,6 +197,14 @@ def _key(parser: Callable[[Any], Any], default: Any) -> Any:
     return field(default=default, metadata={"parse": parser})
 
 
+def format_size(size: int) -> str:
+    """The shortest way to write `size` bytes in the units parse_size reads."""
+    for unit, factor in (("GB", 1024**3), ("MB", 1024**2), ("KB", 1024)):
+        if size >= factor and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
 def _section(cls: type) -> Any:
     return field(default_factory=cls)
 
@@ -230,7 +249,7 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class JobsConfig:
-    db: str = _key(_string, "foreman.db")
+    db: str = _key(_string, "")  # "": default_job_store(), resolved at load
     max_attempts: int = _key(_positive_int, 3)
     retention: float = _key(_at_least(1.0, "a finished job must stay long enough to be"
                                             " collected"), 7 * 86400.0)
@@ -293,10 +312,13 @@ class Config:
             out = {}
             for f in dataclasses.fields(node):
                 value = walk(getattr(node, f.name))
+                unit = getattr(f.metadata.get("parse"), "unit", "")
                 if f.name in SECRET_KEYS and value:
                     value = "<redacted>"
                 elif f.name == "url":
                     value = redact_url(value)
+                elif unit:
+                    value = _FORMATS[unit](value)
                 out[f.name] = value
             return out
 
@@ -328,9 +350,28 @@ def _build(cls: type, data: Any, source: str, prefix: str) -> Any:
     return cls(**values)
 
 
-def parse_config(data: Any, source: str = "<config>") -> Config:
+def default_job_store(environ: Mapping[str, str], platform: str = sys.platform) -> str:
+    """The per-user data folder a daemon keeps its job store in, not wherever it was
+    started (a repo checkout, or `/` under launchd)."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    if platform == "darwin":
+        folder = os.path.join(home, "Library", "Application Support")
+    elif platform == "win32":
+        folder = environ.get("LOCALAPPDATA") or os.path.join(home, "AppData", "Local")
+    else:
+        xdg = environ.get("XDG_DATA_HOME", "")
+        folder = xdg if os.path.isabs(xdg) else os.path.join(home, ".local", "share")
+    return os.path.join(folder, "foreman", "foreman.db")
+
+
+def parse_config(data: Any, source: str = "<config>",
+                 environ: Mapping[str, str] | None = None) -> Config:
     """Validate already-loaded YAML data (a mapping, or None for all defaults)."""
-    return _build(Config, data, source, "")
+    config: Config = _build(Config, data, source, "")
+    if not config.jobs.db:
+        db = default_job_store(os.environ if environ is None else environ)
+        config = dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, db=db))
+    return config
 
 
 def load_config(
@@ -355,7 +396,7 @@ def load_config(
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or "invalid YAML"
             raise ConfigError(source, "", f"not valid YAML{where}: {problem}") from None
-    return with_environment(parse_config(data, source), environ)
+    return with_environment(parse_config(data, source, environ), environ)
 
 
 def with_environment(config: Config, environ: Mapping[str, str]) -> Config:

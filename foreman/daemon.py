@@ -74,6 +74,9 @@ class Daemon:
         self.worker.start()
         threading.Thread(target=self.server.serve, name="foreman-server", daemon=True).start()
         log.info("foreman serving on %s, target %s", self.url, self.client.display_url)
+        log.info("auth %s; status page %s/status; job store %s",
+                 "on (bearer token)" if self.config.token else "off (no token configured)",
+                 self.url, os.path.abspath(self.store.path))
 
     def shutdown(self, drain_timeout: float | None = None) -> bool:
         """Stop accepting, let in-flight work finish (up to the drain timeout), stop.

@@ -73,6 +73,7 @@ class StreamedBody:
         self._closed = False
         self._close_lock = threading.Lock()
         self.tally = tally
+        self.complete = False  # the client took the whole stream (else it left)
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> StreamedBody:
         start_response(status_line(self._upstream.status), self._headers)
@@ -109,6 +110,7 @@ class StreamedBody:
                 yield b"data: " + error_body(status, message, openai=True) + b"\n\n"
             else:
                 yield error_body(status, message) + b"\n"
+        self.complete = True
 
     def close(self) -> None:
         with self._close_lock:

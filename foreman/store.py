@@ -202,6 +202,12 @@ class JobStore:
         self._lock = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
         self._version = 0
+        if exclusive and not path.startswith("file:"):
+            folder = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(folder, exist_ok=True)  # the per-user data folder, at first
+            except OSError as exc:
+                raise StoreCorrupt(f"{path}: cannot create its folder: {exc.strerror}") from None
         self._owner_fd = _lock_exclusively(path) if exclusive else None
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []

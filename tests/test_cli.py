@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -10,13 +11,14 @@ from pathlib import Path
 import requests
 
 from foreman import __version__
+from foreman.config import default_job_store
 from tests.fake_ollama import FakeOllama
 from tests.procs import ROOT, ForemanProcess
 
 
-def run(*args: str) -> subprocess.CompletedProcess[str]:
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=30)
+                          timeout=30, env={**os.environ, **(env or {})})
 
 
 def test_version_from_script_and_module() -> None:
@@ -35,6 +37,36 @@ def test_check_prints_resolved_settings_with_secrets_redacted(tmp_path: Path) ->
     assert ":pw@" not in result.stdout
     assert "token: <redacted>" in result.stdout
     assert "threads: 145" in result.stdout
+    # In the units people write (issue 17): not 600.0, 604800.0 and 67108864.
+    for line in ("read_timeout: 10m", "stall_timeout: 1m", "retention: 7d", "max_body: 64MB",
+                 "max_wait: 0s", "repoll_cooldown: 1s"):
+        assert f"  {line}\n" in result.stdout, line
+
+
+def test_the_job_store_defaults_to_the_per_user_data_folder(tmp_path: Path) -> None:
+    """Not `foreman.db` in whatever folder foreman starts in (the repo, or `/` under
+    launchd); shown by --check, created on first start, and named at start-up."""
+    data = tmp_path / "data"
+    env = {"XDG_DATA_HOME": str(data), "HOME": str(tmp_path / "home")}
+    config = tmp_path / "c.yaml"
+    config.write_text("listen: 127.0.0.1:0\ntoken: t0k\ntarget:\n  url: http://127.0.0.1:9\n")
+    shown = run("foreman.py", "-c", str(config), "--check", env=env)
+    db = data / "foreman" / "foreman.db"
+    assert f"  db: {db}\n" in shown.stdout
+    proc = ForemanProcess("-c", str(config), env=env, cwd=tmp_path)
+    try:
+        url = proc.wait_serving()
+        line = proc.wait_for_line("auth ")
+        assert line.string.rstrip().endswith(
+            f"auth on (bearer token); status page {url}/status; job store {db}")
+        assert db.exists()
+    finally:
+        assert proc.terminate() == 0
+    assert not (tmp_path / "foreman.db").exists()
+    assert default_job_store({"HOME": "/Users/me"}, "darwin") == \
+        "/Users/me/Library/Application Support/foreman/foreman.db"
+    assert default_job_store({"HOME": "/home/me", "XDG_DATA_HOME": "relative"}, "linux") == \
+        "/home/me/.local/share/foreman/foreman.db"
 
 
 def test_check_with_a_typo_exits_2_naming_the_key(tmp_path: Path) -> None:

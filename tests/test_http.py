@@ -17,7 +17,7 @@ from foreman.logs import configure_logging
 from foreman.metrics import Metrics
 from foreman.server import Server
 from tests.fake_ollama import FakeOllama
-from tests.http_raw import raw_request
+from tests.http_raw import ChunkReader, raw_request, send_only
 
 TOKEN = "s3cret-token-value"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -196,3 +196,24 @@ def test_client_text_cannot_forge_a_log_line(log_text: LogStream, foreman: Daemo
     access = [line for line in lines if "foreman.access" in line]
     assert any("\\n2026-11-27T00:00:00" in line for line in access)
     assert any("model=llama3\\n2026" in line for line in access)
+
+
+def test_a_client_that_leaves_is_logged_499_waiting_or_streaming(
+        log_text: LogStream, foreman: Daemon, fake: FakeOllama) -> None:
+    """Both ways a client can leave read the same in the log (issue 17): before, a
+    streaming client that hung up was logged with the 200 its headers said."""
+    fake.token_delay = 0.05
+    fake.tokens = 400
+    streaming = ChunkReader(foreman.url, "POST", "/api/chat",
+                            b'{"model": "llama3", "messages": []}')
+    assert streaming.next_chunk() is not None
+    waiting = send_only(foreman.url, "/api/chat", b'{"model": "llama3", "messages": []}')
+    assert foreman.chat_lane.wait_for(lambda lane: lane.waiting == 1, 5)
+    waiting.close()
+    assert foreman.chat_lane.wait_for(lambda lane: lane.waiting == 0, 5)
+    streaming.close()
+    assert foreman.chat_lane.wait_for(lambda lane: lane.in_flight == 0, 5)
+    assert foreman.app.wait_idle(5)
+    access = [line for line in log_text.getvalue().splitlines() if "foreman.access" in line]
+    assert len([line for line in access if "POST /api/chat 499" in line]) == 2, access
+    assert not [line for line in access if "POST /api/chat 200" in line]
