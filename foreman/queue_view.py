@@ -4,7 +4,8 @@ The line is what the chat slot holds (interactive requests always first)
 followed by the queued chat/generate jobs in the order the workers will claim
 them.  Start times are simulated over `concurrency` places from what this box
 measured (see estimates); a model without history makes every estimate from
-that point on unknown, and the view says why.
+that point on unknown, and the view says why (for the turns after the first
+unknown: what they are behind).
 """
 
 from __future__ import annotations
@@ -103,19 +104,23 @@ class QueueView:
                   ) -> Iterator[tuple[Turn, int, float | None, str | None]]:
         """(turn, position, estimated start, why unknown) for each turn in order,
         simulated over the slot's places; once one start is unknown, all later are."""
-        unknown: str | None = None
+        behind: str | None = None  # what the first unknown start is waiting on
         estimates: dict[tuple[str, bool], float | None] = {}  # thousands of turns, few models
         for position, turn in enumerate(turns, 1):
-            start = None
-            if unknown is None:
+            start, unknown = None, None
+            if behind is not None:
+                # Said as what it is: not this model's history, the unknown ahead.
+                unknown = f"behind {behind}"
+            else:
                 key = (turn.model, turn.resident)
                 if key not in estimates:
                     estimates[key] = self._estimator.estimate(*key)
                 estimate = estimates[key]
                 if estimate is None:
                     unknown = f"no history for model {turn.model} yet"
+                    behind = f"a {turn.kind} for {turn.model}, which has no history yet"
                 elif None in free_at:
-                    unknown = "no history yet for a model that is running"
+                    unknown = behind = "a running model that has no history yet"
                 else:
                     place = min(range(len(free_at)), key=lambda i: free_at[i] or 0.0)
                     start = free_at[place] or now

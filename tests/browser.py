@@ -1,11 +1,16 @@
-"""Headless Chromium for looking at the status page as a person would."""
+"""Headless Chromium for looking at the status page as a person would, and for using it:
+`rendered_dom` reads the page after its scripts ran; `browser_page` drives it (clicks)
+through Playwright, with Debian's Chromium, never a downloaded browser."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -42,3 +47,19 @@ def screenshot(url: str, path: str, budget_ms: int = 4000) -> None:
             [chromium(), *FLAGS, f"--user-data-dir={profile}", "--window-size=1000,900",
              f"--virtual-time-budget={budget_ms}", f"--screenshot={path}", url],
             capture_output=True, text=True, timeout=60, check=True)
+
+
+@contextlib.contextmanager
+def browser_page() -> Iterator[Any]:
+    """A Playwright page in headless Chromium (the same binary and flags as above)."""
+    from playwright.sync_api import sync_playwright
+
+    binary = chromium()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=binary, args=FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(10_000)
+            yield page
+        finally:
+            browser.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
 import threading
 from collections.abc import Callable
 from datetime import datetime
@@ -14,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from foreman.daemon import Daemon
 from foreman.logs import configure_logging
-from tests.browser import rendered_dom
+from tests.browser import browser_page, rendered_dom
 from tests.fake_ollama import FakeOllama, Fault
 from tests.http_raw import raw_request
 from tests.test_http import LogStream
@@ -204,3 +205,43 @@ def test_the_data_behind_the_page_needs_the_token(make_foreman: Callable[..., Da
                                                   path: str) -> None:
     daemon = make_foreman(token="t0k")
     assert requests.get(daemon.url + path, timeout=5).status_code == 401
+
+
+def test_the_status_page_shows_details_and_cancels_jobs(make_foreman: Callable[..., Daemon],
+                                                        fake: FakeOllama) -> None:
+    """Driven as a person would (issue 17): a model kept loaded forever says so, an old
+    job shows its date, the header counts what the table shows, a job's detail opens,
+    and a queued job can be cancelled, all behind the token."""
+    fake.loaded["llama3:latest"] = -1  # the fake reports it until the year 2318
+    daemon = make_foreman(token="t0k")
+    done = requests.post(daemon.url + "/jobs", headers=AUTH, timeout=5, json={
+        "kind": "embed", "request": {"model": "nomic-embed-text", "input": "look at me"}}
+                         ).json()["id"]
+    assert requests.get(f"{daemon.url}/jobs/{done}?wait=20", headers=AUTH,
+                        timeout=30).json()["status"] == "succeeded"
+    with sqlite3.connect(daemon.store.path) as db:  # it was submitted two days ago
+        db.execute("UPDATE jobs SET created_at = created_at - 2 * 86400 WHERE id = ?", (done,))
+    fake.stop()  # what is submitted now stays queued
+    assert daemon.inventory.wait_for(lambda s: s.degraded, 5)
+    queued = requests.post(daemon.url + "/jobs", headers=AUTH, timeout=5, json={
+        "kind": "chat", "request": CHAT}).json()["id"]
+    with browser_page() as page:
+        page.goto(daemon.url + "/status#token=t0k")
+        page.wait_for_selector("#data:not([hidden])")
+        page.wait_for_selector(f"#jobs >> text={queued}")
+        assert "kept loaded" in page.inner_text("#models")
+        old_row = page.inner_text(f"#jobs tr:has-text('{done}')")
+        created = requests.get(f"{daemon.url}/jobs/{done}", headers=AUTH,
+                               timeout=5).json()["created_at"]
+        date = page.evaluate("(iso) => new Date(iso).toLocaleDateString()", created)
+        assert date in old_row
+        assert page.inner_text("#chat") == \
+            "Chat slot: 0 running, 1 waiting (requests and jobs)."
+        page.click(f"#jobs button:has-text('{done}')")
+        page.wait_for_selector("#detail:not([hidden])")
+        assert '"input": "look at me"' in page.inner_text("#detail-body")
+        assert page.locator(f"#jobs tr:has-text('{done}') button.cancel").count() == 0
+        page.click(f"#jobs tr:has-text('{queued}') button.cancel")
+        page.wait_for_selector(f"#jobs tr:has-text('{queued}') >> text=cancelled")
+    assert requests.get(f"{daemon.url}/jobs/{queued}", headers=AUTH,
+                        timeout=5).json()["status"] == "cancelled"
