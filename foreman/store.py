@@ -36,6 +36,9 @@ GENERATION_KINDS = ("chat", "generate")  # the chat-slot lane
 EMBED_KINDS = ("embed",)
 FINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", *FINAL)
+# How long a write waits for another process's write lock before it fails
+# with StoreUnavailable (and is retried by whoever asked).
+BUSY_TIMEOUT = 10.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -192,13 +195,11 @@ def _add_model_column(db: sqlite3.Connection) -> None:
 
 class JobStore:
     def __init__(self, path: str, clock: Callable[[], float] = time.time,
-                 exclusive: bool = False, busy_timeout: float = 10.0) -> None:
+                 exclusive: bool = False) -> None:
         """`exclusive`: this process owns the store (a daemon); another owner makes
-        this raise StoreInUse.  `busy_timeout`: how long a write waits for another
-        process's write lock before it fails with StoreUnavailable."""
+        this raise StoreInUse."""
         self.path = path
         self._clock = clock
-        self._busy_timeout = busy_timeout
         self._lock = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
         self._version = 0
@@ -227,9 +228,9 @@ class JobStore:
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=self._busy_timeout, uri=self.path.startswith("file:"))
+                             timeout=BUSY_TIMEOUT, uri=self.path.startswith("file:"))
         db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
         return db
 
     def _release_ownership(self) -> None:
