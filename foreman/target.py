@@ -321,14 +321,8 @@ def _transport_error(exc: BaseException, abort: AbortSignal | None,
     for each failure, and a frame holds its caller's frame: until the cycle
     collector ran, the failed request (its body, its environ) would live on too.
     """
-    chain: list[BaseException | None] = [exc]
-    seen: set[int] = set()
-    while chain:
-        link = chain.pop()
-        if link is not None and id(link) not in seen:
-            seen.add(id(link))
-            traceback.clear_frames(link.__traceback__)  # the running frames are skipped
-            chain += (link.__cause__, link.__context__)
+    for link in _linked(exc):
+        traceback.clear_frames(link.__traceback__)  # the running frames are skipped
     if abort is not None and abort.aborted:
         if abort.stalled:
             return TargetLost(abort.stalled, timed_out=True)
@@ -336,21 +330,27 @@ def _transport_error(exc: BaseException, abort: AbortSignal | None,
     return error
 
 
-def _never_connected(exc: BaseException) -> bool:
-    """Whether the failure happened before a connection existed (refused, no route,
-    name not found, connect timeout): then the target cannot have seen the request."""
+def _linked(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception it leads to: causes, contexts, and the ones urllib3
+    and requests wrap (`reason`, `args`), each once."""
     pending: list[Any] = [exc]
     seen: set[int] = set()
     while pending:
         link = pending.pop()
-        if link is None or id(link) in seen:
+        if not isinstance(link, BaseException) or id(link) in seen:
             continue
         seen.add(id(link))
-        if isinstance(link, (ConnectTimeoutError, requests.ConnectTimeout)):
-            return True  # urllib3's NewConnectionError and NameResolutionError are these
+        yield link
         pending += [getattr(link, "reason", None), link.__cause__, link.__context__,
-                    *(arg for arg in getattr(link, "args", ()) if isinstance(arg, BaseException))]
-    return False
+                    *link.args]
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether the failure happened before a connection existed (refused, no route,
+    name not found, connect timeout): then the target cannot have seen the request.
+    urllib3's NewConnectionError and NameResolutionError are ConnectTimeoutErrors."""
+    return any(isinstance(link, (ConnectTimeoutError, requests.ConnectTimeout))
+               for link in _linked(exc))
 
 
 def _classify(exc: BaseException, url: str) -> TargetTransportError:
