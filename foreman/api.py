@@ -184,6 +184,7 @@ class OllamaApi:
     def _through_lane(self, request: Request, lane: Lane, not_found: str,
                       max_wait: float | None = None, retry_500: bool = False) -> WSGIApp:
         body, model = read_forwarded(request, self._budget, required_model)
+        generation = lane is self._chat_lane
         info = request_info(request)
         info.model, info.waited_ms = model, 0
         if self._inventory.known_absent(model):
@@ -200,15 +201,14 @@ class OllamaApi:
                     ticket.wait(max_wait)
         finally:
             info.waited_ms = round(ticket.waited * 1000)
-            if lane is self._chat_lane:
+            if generation:
                 self._metrics.observe_wait(ticket.waited)
-        generation = lane is self._chat_lane
         abort = AbortSignal(watched=generation)
         streaming = self._watcher.watch(gone, abort.abort)
         cleanup = [streaming.cancel, ticket.release,
                    lambda: self._metrics.add_chunks(work.chunks)]
         if generation:
-            cleanup.append(lambda: self._generation_ended(work))
+            cleanup.append(lambda: self._watchdog.ended(work.answered))
         try:
             try:
                 if gone():
@@ -235,11 +235,6 @@ class OllamaApi:
             if abort.aborted and not abort.stalled:
                 raise ApiError(CLIENT_GONE, "client went away") from None
             raise
-
-    def _generation_ended(self, work: Work) -> None:
-        if work.answered:
-            self._watchdog.completed()
-        self._inventory.poll_soon()  # so /api/ps shows what this generation loaded
 
     # -- from the inventory ---------------------------------------------------
 

@@ -104,8 +104,6 @@ def parse_size(value: Any) -> int:
 # How --check writes a parsed value back: in the units people write.
 parse_duration.unit = "duration"  # type: ignore[attr-defined]
 parse_size.unit = "size"  # type: ignore[attr-defined]
-_FORMATS: dict[str, Callable[[Any], str]] = {"duration": lambda v: format_duration(v),
-                                             "size": lambda v: format_size(v)}
 
 
 def _non_negative_int(value: Any) -> int:
@@ -203,6 +201,10 @@ def format_size(size: int) -> str:
         if size >= factor and size % factor == 0:
             return f"{size // factor}{unit}"
     return str(size)
+
+
+# How --check writes a value back, by its parser's unit.
+_FORMATS: dict[str, Callable[[Any], str]] = {"duration": format_duration, "size": format_size}
 
 
 def _section(cls: type) -> Any:

@@ -185,7 +185,8 @@ def build_daemon(config: Config) -> Daemon:
     watchdog = Watchdog(client, watcher, chat_lane,
                         first_token_timeout=config.target.first_token_timeout,
                         stall_timeout=config.target.stall_timeout,
-                        probe_interval=config.inventory.poll_interval)
+                        probe_interval=config.inventory.poll_interval,
+                        on_ended=inventory.poll_soon)
     budget = ParseBudget()
     warmer = None
     if config.embedder.model:

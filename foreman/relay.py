@@ -25,12 +25,12 @@ from .errors import TargetBadAnswer, TargetTransportError, describe_failure, err
 from .target import Upstream
 
 StartResponse = Callable[..., Any]
+WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 # A line that arrived in pieces is sent as one HTTP chunk up to this size; a
 # larger one is sent piece by piece, so it is never copied whole (the client
 # reads lines, not chunks).
 _JOIN_UP_TO = 1024 * 1024
-WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 _NOT_COPIED = frozenset({
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",

@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .body import SizedBody
@@ -141,8 +141,10 @@ class TargetHealth:
 class Watchdog:
     def __init__(self, client: TargetClient, watcher: ClientWatcher, chat_lane: Lane, *,
                  first_token_timeout: float, stall_timeout: float,
-                 probe_interval: float) -> None:
-        self._client, self._watcher = client, watcher
+                 probe_interval: float, on_ended: Callable[[], None] = lambda: None) -> None:
+        """`on_ended` hears about every generation that ended (the inventory polls
+        again, so /api/ps shows what it loaded)."""
+        self._client, self._watcher, self._on_ended = client, watcher, on_ended
         self._chat_lane = chat_lane
         self._first_token, self._stall = first_token_timeout, stall_timeout
         self._probe_interval = probe_interval
@@ -176,6 +178,12 @@ class Watchdog:
             watch.cancel()
             raise
         return Watched(upstream, clock, watch)
+
+    def ended(self, answered: bool) -> None:
+        """A generation ended; if the target answered it, the target answers again."""
+        if answered:
+            self.completed()
+        self._on_ended()
 
     def completed(self) -> None:
         """A generation finished: the target answers again."""

@@ -219,8 +219,7 @@ class JobWorker:
             return False
         else:
             if job.kind in GENERATION_KINDS:
-                self._watchdog.completed()
-                self._inventory.poll_soon()  # so /api/ps shows what it loaded
+                self._watchdog.ended(answered=True)
             self._record(job, "succeeded", lambda: self._finish(job, "succeeded",
                                                                 result_json=result_json))
             return True
