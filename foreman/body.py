@@ -146,19 +146,37 @@ class ForwardedBody:
         self._spool.seek(0)
         return SizedBody(self._spool, self.length)
 
+    def blocks(self, size: int = 65536) -> Iterator[bytes]:
+        """The body block by block, from its start, for a decision that scans it."""
+        if self._raw is not None:
+            yield self._raw
+            return
+        assert self._spool is not None
+        self._spool.seek(0)
+        while block := self._spool.read(size):
+            yield block
+
+    def whole(self) -> bytes:
+        return b"".join(self.blocks(self.length or 65536))
+
+
+def forwarded(request: Request) -> ForwardedBody:
+    """The request's body, unread: in memory when small, else left in waitress's
+    spool file to be read when it is needed."""
+    length = request.content_length or 0
+    spool = request.environ.get("wsgi.input")
+    if length <= KEEP_IN_MEMORY or spool is None or not spool.seekable():
+        raw = request.get_data(cache=False)
+        return ForwardedBody(raw, None, len(raw))
+    return ForwardedBody(None, spool, length)
+
 
 def read_forwarded(request: Request, budget: ParseBudget,
                    decide: Callable[[dict[str, Any]], T]) -> tuple[ForwardedBody, T]:
     """Parse the body, hand the object to `decide`, and keep only the client's bytes
     (or, for a large body, the way back to them) and what `decide` returned."""
-    length = request.content_length or 0
-    spool = request.environ.get("wsgi.input")
-    if length <= KEEP_IN_MEMORY or spool is None or not spool.seekable():
-        raw = request.get_data(cache=False)
-        with budget.reserve(len(raw)):
-            return ForwardedBody(raw, None, len(raw)), decide(_object(_text(raw)))
-    with budget.reserve(length):
+    body = forwarded(request)
+    with budget.reserve(body.length):
         # The bytes are let go of as soon as they are text: the parse then needs
         # the text and its objects, not a third copy.
-        decision = decide(_object(_text(request.get_data(cache=False))))
-    return ForwardedBody(None, spool, length), decision
+        return body, decide(_object(_text(body.whole())))

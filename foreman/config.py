@@ -9,6 +9,7 @@ wrong.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import os
 import re
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-SECRET_KEYS = frozenset({"token"})
+SECRET_KEYS = frozenset({"token", "webhook_secret"})
 
 
 class ConfigError(Exception):
@@ -142,6 +143,34 @@ def _secret(value: Any) -> str:
     return value
 
 
+def _string_list(value: Any) -> tuple[str, ...]:
+    """A YAML list of strings (or one string, commas separating items, as Ollama's
+    OLLAMA_ORIGINS is written)."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise _ValueProblem(f"expected a list of strings, got {value!r}")
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def webhook_key(secret: str) -> bytes:
+    """The HMAC key of a webhook secret: a Standard Webhooks secret (`whsec_` and
+    base64) decoded as the specification says, any other string as its UTF-8."""
+    if not secret.startswith("whsec_"):
+        return secret.encode()
+    try:
+        return base64.b64decode(secret[len("whsec_"):], validate=True)
+    except ValueError:
+        raise _ValueProblem("a secret starting with whsec_ must continue in base64") from None
+
+
+def _webhook_secret(value: Any) -> str:
+    secret = _secret(value)
+    webhook_key(secret)
+    return secret
+
+
 def _one_of(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = _string(value).lower()
@@ -255,6 +284,8 @@ class JobsConfig:
     max_attempts: int = _key(_positive_int, 3)
     retention: float = _key(_at_least(1.0, "a finished job must stay long enough to be"
                                             " collected"), 7 * 86400.0)
+    webhook_secret: str = _key(_webhook_secret, "")
+    webhook_hosts: tuple[str, ...] = _key(_string_list, ())
 
 
 @dataclass(frozen=True)
@@ -265,6 +296,12 @@ class ServerConfig:
     header_timeout: float = _key(_at_least(0.1, "a client needs time to send its headers"),
                                  10.0)
     max_connections_per_client: int = _key(_non_negative_int, 256)
+    allowed_hosts: tuple[str, ...] = _key(_string_list, ())
+
+
+@dataclass(frozen=True)
+class CorsConfig:
+    origins: tuple[str, ...] = _key(_string_list, ())
 
 
 @dataclass(frozen=True)
@@ -294,6 +331,7 @@ class Config:
     embed: EmbedConfig = _section(EmbedConfig)
     jobs: JobsConfig = _section(JobsConfig)
     server: ServerConfig = _section(ServerConfig)
+    cors: CorsConfig = _section(CorsConfig)
     metrics: MetricsConfig = _section(MetricsConfig)
     log: LogConfig = _section(LogConfig)
 
@@ -321,7 +359,7 @@ class Config:
                     value = redact_url(value)
                 elif unit:
                     value = _FORMATS[unit](value)
-                out[f.name] = value
+                out[f.name] = list(value) if isinstance(value, tuple) else value
             return out
 
         resolved = walk(self)
@@ -381,8 +419,8 @@ def load_config(
 ) -> Config:
     """Load and validate the config file (or the defaults when path is None).
 
-    FOREMAN_TOKEN and FOREMAN_TARGET_TOKEN in `environ` override the tokens
-    when they are set and not empty.
+    FOREMAN_TOKEN, FOREMAN_TARGET_TOKEN and FOREMAN_WEBHOOK_SECRET in `environ`
+    override the secrets when they are set and not empty.
     """
     environ = os.environ if environ is None else environ
     source = path or "<defaults>"
@@ -402,7 +440,8 @@ def load_config(
 
 
 def with_environment(config: Config, environ: Mapping[str, str]) -> Config:
-    """The config with FOREMAN_TOKEN and FOREMAN_TARGET_TOKEN applied."""
+    """The config with FOREMAN_TOKEN, FOREMAN_TARGET_TOKEN and FOREMAN_WEBHOOK_SECRET
+    applied."""
     # An empty variable counts as unset: `FOREMAN_TOKEN=` left over in a service
     # file must not silently switch off the token the config file sets.
     if environ.get("FOREMAN_TOKEN"):
@@ -412,4 +451,11 @@ def with_environment(config: Config, environ: Mapping[str, str]) -> Config:
             config,
             target=dataclasses.replace(config.target, token=environ["FOREMAN_TARGET_TOKEN"]),
         )
+    if environ.get("FOREMAN_WEBHOOK_SECRET"):
+        try:
+            secret = _webhook_secret(environ["FOREMAN_WEBHOOK_SECRET"])
+        except _ValueProblem as problem:
+            raise ConfigError("FOREMAN_WEBHOOK_SECRET", "", str(problem)) from None
+        config = dataclasses.replace(
+            config, jobs=dataclasses.replace(config.jobs, webhook_secret=secret))
     return config

@@ -21,8 +21,17 @@ from .api import OllamaApi
 from .app import ForemanApp
 from .body import ParseBudget
 from .client import ForemanError
-from .config import Config, ConfigError, load_config, parse_config, with_environment
+from .config import (
+    Config,
+    ConfigError,
+    ListenAddress,
+    load_config,
+    parse_config,
+    webhook_key,
+    with_environment,
+)
 from .estimates import Estimator
+from .guard import Guard, is_loopback_listen
 from .inventory import Inventory
 from .jobs_api import JobsApi, render_job
 from .lane import Lane
@@ -35,7 +44,7 @@ from .target import TargetClient
 from .warmup import EmbedderWarmer
 from .watch import ClientWatcher
 from .watchdog import TargetHealth, Watchdog
-from .webhook import WebhookNotifier
+from .webhook import WebhookNotifier, WebhookPolicy
 from .worker import JobWorker
 
 log = logging.getLogger("foreman")
@@ -199,7 +208,8 @@ def build_daemon(config: Config) -> Daemon:
         allow_admin=config.target.allow_admin,
     )
     store = JobStore(config.jobs.db, exclusive=True)
-    notifier = WebhookNotifier(render_job)
+    webhooks = WebhookPolicy(config.jobs.webhook_hosts, config.listen)
+    notifier = WebhookNotifier(render_job, webhooks, webhook_key(config.jobs.webhook_secret))
     worker = JobWorker(
         store, client, chat_lane, embed_lane, inventory, watchdog, notifier.notify, metrics,
         generation_workers=config.chat.concurrency,
@@ -209,7 +219,7 @@ def build_daemon(config: Config) -> Daemon:
     )
     queue = QueueView(chat_lane, store, worker, inventory, estimator)
     draining = threading.Event()
-    jobs = JobsApi(store, worker, inventory, queue, notifier.notify, budget, draining)
+    jobs = JobsApi(store, worker, inventory, queue, notifier.notify, webhooks, budget, draining)
     def target_health() -> TargetHealth:
         return watchdog.health(inventory.snapshot)
 
@@ -218,11 +228,15 @@ def build_daemon(config: Config) -> Daemon:
     public = {api.health, observe.status}
     if config.metrics.public:
         public.add(observe.metrics)
-    app = ForemanApp([*api.rules(), *jobs.rules(), *observe.rules()], public, config.token,
-                     config.server.max_body, metrics, unlimited_body=api.unlimited_body())
+    guard = Guard(is_loopback_listen(config.listen.host), config.cors.origins,
+                  config.server.allowed_hosts)
+    app = ForemanApp([*api.rules(), *jobs.rules(), *observe.rules()], api.forward, public,
+                     config.token, config.server.max_body, metrics, guard,
+                     unlimited_body=api.unlimited_body())
     server = Server(app, config.listen.host, config.listen.port, threads,
                     check_headers=app.check_headers,
                     header_timeout=config.server.header_timeout,
                     max_connections_per_client=config.server.max_connections_per_client)
+    webhooks.own = ListenAddress(server.host, server.port)  # the port, when 0 was asked
     return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, watchdog, warmer,
                   store, worker, notifier, app, server, draining)

@@ -5,13 +5,14 @@ off, and a target that answered with an error are different failures with
 different remedies, so they are different types.
 foreman's own refusals (bad input, busy, not found) are ApiError.  Everything
 above the target client raises these; `error_response` maps them to a
-status and a body in the shape the route's clients expect (Ollama's
-`{"error": "..."}`, or OpenAI's nested object on /v1).
+status and words, rendered in the shape the route's clients expect (see
+`dialects`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from werkzeug.wrappers import Response
@@ -75,22 +76,6 @@ class ApiError(Exception):
 
 BUSY_TEXT = "server busy, please try again.  maximum pending requests exceeded"
 
-_OPENAI_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error"}
-
-
-def error_body(status: int, message: str, openai: bool = False) -> bytes:
-    if openai:
-        error: object = {
-            "message": message,
-            "type": _OPENAI_ERROR_TYPES.get(status, "api_error"),
-            "param": None,
-            "code": None,
-        }
-    else:
-        error = message
-    return json.dumps({"error": error}).encode()
-
-
 def json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> Response:
     return Response(body, status=status, headers=headers, content_type="application/json")
 
@@ -113,10 +98,11 @@ def describe_failure(exc: Exception) -> tuple[int, str]:
     return 500, "internal error in foreman (see its log)"
 
 
-def error_response(exc: Exception, openai: bool = False) -> Response:
-    """The HTTP answer for any failure; unknown exceptions become a generic 500."""
+def error_response(exc: Exception, render: Callable[[int, str], bytes]) -> Response:
+    """The HTTP answer for any failure, its body rendered in the route's family's
+    shape by `render`; unknown exceptions become a generic 500."""
     if isinstance(exc, TargetHTTPError) and exc.content_type.startswith("application/json"):
         return json_response(exc.status, exc.body)  # the target's own words, as it sent them
     status, message = describe_failure(exc)
     headers = exc.headers if isinstance(exc, ApiError) else None
-    return json_response(status, error_body(status, message, openai), headers)
+    return json_response(status, render(status, message), headers)

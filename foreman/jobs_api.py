@@ -13,18 +13,19 @@ import json
 import threading
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 from werkzeug.routing import Rule
 from werkzeug.wrappers import Request
 
-from .api import client_gone_check, required_model
+from .api import client_gone_check
 from .body import ParseBudget, read_json_object
+from .dialects import required_model
 from .errors import ApiError, json_response
 from .inventory import Inventory
 from .queue_view import QueueView, iso
 from .relay import WSGIApp
 from .store import GENERATION_KINDS, KINDS, STATUSES, Job, JobStore
+from .webhook import WebhookPolicy
 from .worker import JobWorker
 
 MAX_WAIT_SECONDS = 60.0
@@ -53,16 +54,12 @@ def render_job(job: Job, position: int | None = None, partial: str | None = None
             .encode())
 
 
-def _is_http_url(value: str) -> bool:
-    parts = urlsplit(value)
-    return parts.scheme in ("http", "https") and bool(parts.netloc)
-
-
 class JobsApi:
     def __init__(self, store: JobStore, worker: JobWorker, inventory: Inventory,
-                 queue: QueueView, notify: Any, budget: ParseBudget,
+                 queue: QueueView, notify: Any, webhooks: WebhookPolicy, budget: ParseBudget,
                  draining: threading.Event, max_long_polls: int = 8) -> None:
         self._store, self._worker, self._inventory = store, worker, inventory
+        self._webhooks = webhooks
         self._budget = budget
         self._draining = draining  # set when shutdown starts: long-polls answer at once
         self._queue = queue
@@ -111,8 +108,11 @@ class JobsApi:
             raise ApiError(400, "priority must be an integer from"
                                 f" {PRIORITY_RANGE[0]} to {PRIORITY_RANGE[1]}")
         webhook = body.get("webhook")
-        if webhook is not None and not (isinstance(webhook, str) and _is_http_url(webhook)):
-            raise ApiError(400, "webhook must be an http(s) URL")
+        if webhook is not None:
+            problem = (self._webhooks.problem(webhook) if isinstance(webhook, str)
+                       else "webhook must be an http(s) URL")
+            if problem is not None:
+                raise ApiError(400, problem)
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= 255:
             raise ApiError(400, "Idempotency-Key must be 1 to 255 characters")

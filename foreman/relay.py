@@ -1,8 +1,10 @@
 """Turns a target response into the WSGI response the client receives.
 
 Streams (NDJSON, and server-sent events on /v1) are relayed as they arrive,
-one upstream line per chunk written to the client (a line over 1 MB in the
-pieces it arrived in), bytes untouched; a line is sent only once it is whole.  A
+one upstream line (or run of whole events) per chunk written to the client (a
+line over 1 MB in the pieces it arrived in), bytes untouched; a line or an
+event is sent only once it is whole, so a stream the target breaks off can end
+with the route's own error line or event.  A
 response that ends as a complete answer marks its tally `answered`, which is
 what the estimator learns from.  Anything
 else is read whole and sent with its length.  Hop-by-hop headers and the
@@ -21,7 +23,8 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
-from .errors import TargetBadAnswer, TargetTransportError, describe_failure, error_body
+from .dialects import OLLAMA, Dialect
+from .errors import TargetBadAnswer, TargetLost, TargetTransportError, describe_failure
 from .target import Upstream
 
 StartResponse = Callable[..., Any]
@@ -64,8 +67,9 @@ class StreamedBody:
     """A WSGI app and its body iterable: relays a streaming target response."""
 
     def __init__(self, upstream: Upstream, on_close: list[Callable[[], None]],
-                 tally: Tally) -> None:
+                 tally: Tally, dialect: Dialect) -> None:
         self._upstream = upstream
+        self._dialect = dialect
         self._headers = relayed_headers(upstream)
         self._on_close = on_close
         self._sse = upstream.content_type.startswith("text/event-stream")
@@ -85,12 +89,15 @@ class StreamedBody:
 
     def _relay(self) -> Iterator[bytes]:
         tally = self.tally
+        events = 0  # server-sent events relayed, which a Responses error event numbers
         try:
             last = b""
             if self._sse:
-                for last in self._upstream.chunks():
+                for last in sse_events(self._upstream.chunks()):
                     tally.chunks += 1
+                    events += last.count(b"\n\n")
                     yield last
+                failed = last.startswith((b"event: error", b'data: {"error"'))
             else:
                 for pieces in self._upstream.line_pieces():
                     tally.chunks += 1
@@ -101,15 +108,14 @@ class StreamedBody:
                         yield b"".join(pieces)
                     else:  # a huge line goes out in the pieces it came in, never copied
                         yield from pieces
-            # Ollama reports a failure after the stream started as a last error line.
-            tally.answered = self._upstream.status < 300 and not last.startswith(b'{"error"')
+                # Ollama reports a failure after the stream started as a last error line.
+                failed = last.startswith(b'{"error"')
+            tally.answered = self._upstream.status < 300 and not failed
         except TargetTransportError as exc:
-            # As Ollama does: an error after the stream started is a last line.
+            # As Ollama does: an error after the stream started ends it, in the
+            # family's own words (a last error line, or an error event).
             status, message = describe_failure(exc)
-            if self._sse:
-                yield b"data: " + error_body(status, message, openai=True) + b"\n\n"
-            else:
-                yield error_body(status, message) + b"\n"
+            yield self._dialect.stream_error(status, message, events)
         self.complete = True
 
     def close(self) -> None:
@@ -129,8 +135,29 @@ class StreamedBody:
 _STREAM_TYPES = ("application/x-ndjson", "text/event-stream")
 
 
+def sse_events(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Server-sent events as they arrive, bytes untouched: each piece yielded ends
+    with an event's blank line (a chunk carrying several whole events is yielded
+    as it came), so an error event foreman adds never lands inside one."""
+    pending: list[bytes] = []
+    for chunk in chunks:
+        cut = chunk.rfind(b"\n\n") + 2
+        if cut == 1:  # no blank line inside the chunk; maybe one across the seam
+            seam = pending and pending[-1].endswith(b"\n") and chunk.startswith(b"\n")
+            cut = 1 if seam else 0
+        if cut == 0:
+            pending.append(chunk)
+            continue
+        pending.append(chunk[:cut])
+        yield b"".join(pending) if len(pending) > 1 else pending[0]
+        pending = [chunk[cut:]] if cut < len(chunk) else []
+    if any(piece.strip() for piece in pending):
+        raise TargetLost("the stream from ollama ended in the middle of an event")
+
+
 def relay(upstream: Upstream, on_close: list[Callable[[], None]], head: bool = False,
-          tally: Tally | None = None, json_only: bool = False) -> WSGIApp:
+          tally: Tally | None = None, json_only: bool = False,
+          dialect: Dialect = OLLAMA) -> WSGIApp:
     """The response for `upstream`; `on_close` callbacks run exactly once, when it is
     done, also when this call raises.
 
@@ -140,7 +167,7 @@ def relay(upstream: Upstream, on_close: list[Callable[[], None]], head: bool = F
     """
     ctype = upstream.content_type
     if ctype.startswith(_STREAM_TYPES):
-        return StreamedBody(upstream, on_close, tally or _Count())
+        return StreamedBody(upstream, on_close, tally or _Count(), dialect)
     try:
         body = upstream.read()
         if json_only and 200 <= upstream.status < 300 and not _looks_like_json(ctype, body):

@@ -252,19 +252,24 @@ class TargetClient:
         content_type: str | None = None,
         abort: AbortSignal | None = None,
         read_timeout: float | None = None,
+        headers: dict[str, str] | None = None,
     ) -> Upstream:
         """Send a request and return once the response headers arrived.
 
         Any status is returned as is; only transport failures raise.  The read
         timeout is the client's own unless `read_timeout` is given, and none at
-        all for a request its abort signal says is watched.
+        all for a request its abort signal says is watched.  `headers` are the
+        few of the client's that describe its body (Content-Encoding); foreman's
+        own (its token among them) always win.
         """
-        headers = {**self._headers, "Content-Type": content_type} if content_type \
-            else self._headers
+        sent: dict[str, str | bytes] = self._headers
+        if content_type or headers:
+            sent = {**(headers or {}), **self._headers,
+                    **({"Content-Type": content_type} if content_type else {})}
         # A prepared request sent straight through the adapter: a Session would
         # merge cookies, proxies and hooks we never use, at ~0.3 ms a request.
         prepared = requests.PreparedRequest()
-        prepared.prepare(method=method, url=self.url + path, headers=headers, data=body)
+        prepared.prepare(method=method, url=self.url + path, headers=sent, data=body)
         if abort is not None and abort.watched:
             timeout: tuple[float, float | None] = (self._timeout[0], None)
         elif read_timeout is not None:

@@ -164,7 +164,8 @@ class Watchdog:
             self._cond.notify_all()
 
     def open(self, path: str, body: bytes | SizedBody, model: str, abort: AbortSignal,
-             first_output: float | None = None) -> Watched:
+             first_output: float | None = None, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> Watched:
         """Send a generation under the clocks (sending its body included).  A stall
         raises, or ends the stream, with TargetLost(timed_out=True)."""
         clock = Clock(model, self._first_token if first_output is None else first_output,
@@ -173,7 +174,7 @@ class Watchdog:
                                     lambda: self._stalled(clock, abort))
         try:
             upstream = self._client.open("POST", path, _Sending(body, clock),
-                                         "application/json", abort)
+                                         content_type, abort, headers=headers)
         except BaseException:
             watch.cancel()
             raise

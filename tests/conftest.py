@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
+from foreman.logs import configure_logging
 from tests.fake_ollama import FakeOllama
 
 # Every inbound token a test gives foreman, and every target token.  None may ever
@@ -45,6 +48,32 @@ def no_secret_is_ever_logged() -> Iterator[None]:
     leaked = [line for line in _logged for secret in INBOUND_TOKENS + TARGET_TOKENS
               if secret in line]
     assert not leaked, leaked[:5]
+
+
+class LogStream(io.StringIO):
+    """A log stream that tests can wait on, since a request is logged after its reply."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cond = threading.Condition()
+
+    def write(self, text: str) -> int:
+        with self.cond:
+            written = super().write(text)
+            self.cond.notify_all()
+        return written
+
+    def wait_for(self, fragment: str, timeout: float = 5.0) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: fragment in self.getvalue(), timeout)
+
+
+@pytest.fixture
+def log_text() -> Iterator[LogStream]:
+    stream = LogStream()
+    configure_logging("debug", "text", stream)
+    yield stream
+    configure_logging("info", "text")
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import select
 import socket
@@ -25,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from werkzeug.formparser import MultiPartParser
 
 CREATED_AT = "2026-11-26T10:00:00.123456789Z"
 
@@ -121,6 +124,7 @@ class FakeOllama:
         self.models: dict[str, dict[str, Any]] = {m: model_entry(m) for m in models}
         self.loaded: dict[str, Any] = {}  # name -> keep_alive of the last load
         self.received: list[Received] = []
+        self.raw_targets: list[str] = []  # each request's path and query, as sent
         self.stats = Stats()
         self.faults: dict[str, deque[Fault]] = defaultdict(deque)
         self.cond = threading.Condition()
@@ -253,7 +257,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(obj, separators=(",", ":")).encode())
 
     def _error(self, status: int, message: str) -> None:
-        self._json(status, {"error": message})
+        """An error in the shape Ollama's middleware gives the route's family."""
+        path = self.path.split("?", 1)[0]
+        if path == "/v1/messages":
+            kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+            self._json(status, {"type": "error", "error": {"type": kind, "message": message},
+                                "request_id": "req_fake"})
+        elif path.startswith("/v1/"):
+            kind = {400: "invalid_request_error", 404: "not_found_error"}.get(status, "api_error")
+            self._json(status, {"error": {"message": message, "type": kind, "param": None,
+                                          "code": None}})
+        else:
+            self._json(status, {"error": message})
 
     def _start_stream(self, ctype: str = "application/x-ndjson") -> None:
         self.send_response(200)
@@ -303,6 +318,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._handle("DELETE")
 
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    def do_OPTIONS(self) -> None:
+        self._handle("OPTIONS")
+
     def _handle(self, method: str) -> None:
         fake = self.fake
         body = self._read_body()
@@ -310,6 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
         record = Received(method, path, {k.lower(): v for k, v in self.headers.items()}, body)
         with fake.cond:
             fake.received.append(record)
+            fake.raw_targets.append(self.path)
             if len(body) > 1024 * 1024:
                 fake.stats.body_digests.append(hashlib.sha256(body).hexdigest())
             fake.cond.notify_all()
@@ -330,6 +355,8 @@ class _Handler(BaseHTTPRequestHandler):
             route = _Handler.v1_model
         if route is None and path.startswith("/api/blobs/") and method in ("HEAD", "POST"):
             route = _Handler.blobs
+        if route is None and path.startswith("/api/user/keys/") and method == "DELETE":
+            route = _Handler.small_json
         if route is None:
             self._send(404, b"404 page not found", "text/plain")
             return
@@ -376,6 +403,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._json(200, {"models": running})
 
     def _model_of(self, rec: Received, not_found: str) -> tuple[dict[str, Any], str] | None:
+        if rec.path == "/v1/audio/transcriptions":
+            return self._transcription_of(rec, not_found)
         if not rec.body.strip():
             self._error(400, "missing request body")
             return None
@@ -392,6 +421,33 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, not_found.format(model=model))
             return None
         return body, model
+
+    def _transcription_of(self, rec: Received, not_found: str
+                          ) -> tuple[dict[str, Any], str] | None:
+        """The form of an audio upload, checked as Ollama's TranscriptionMiddleware does."""
+        boundary = rec.headers.get("content-type", "").partition("boundary=")[2].strip('"')
+        if not boundary:
+            self._error(400, "failed to parse multipart form: request Content-Type isn't"
+                             " multipart/form-data")
+            return None
+        form, files = MultiPartParser().parse(io.BytesIO(rec.body), boundary.encode(),
+                                              len(rec.body))
+        model = form.get("model", "")
+        if not model:
+            self._error(400, "model is required")
+            return None
+        if "file" not in files:
+            self._error(400, "file is required: http: no such file")
+            return None
+        audio = files["file"].read()
+        if not audio:
+            self._error(400, "audio file is empty")
+            return None
+        if not self.fake.has(model):
+            self._error(404, not_found.format(model=model))
+            return None
+        return {"model": model, "stream": False, "audio_bytes": len(audio),
+                "response_format": form.get("response_format", "json")}, model
 
     def _knobs(self, body: dict[str, Any]) -> Knobs:
         fake = self.fake
@@ -427,6 +483,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._pause(knobs.first_token_delay)
             if kind in ("chat", "generate"):
                 self._ollama_generation(kind, model, body, count, fault, knobs)
+            elif kind == "messages":
+                self._anthropic_generation(model, body, count, fault, knobs)
+            elif kind == "responses":
+                self._responses_generation(model, body, count, fault, knobs)
+            elif kind == "transcription":
+                text = f"heard {body['audio_bytes']} bytes"
+                if body["response_format"] == "text":
+                    self._send(200, text.encode(), "text/plain; charset=utf-8")
+                else:
+                    self._json(200, {"text": text})
             else:
                 self._openai_generation(kind, model, body, count, knobs)
             with fake.cond:
@@ -529,6 +595,116 @@ class _Handler(BaseHTTPRequestHandler):
             {**base, "object": obj, "choices": [choice(None, True, True)]}).encode() + b"\n\n")
         self._chunk(b"data: [DONE]\n\n")
         self._end_stream()
+
+    def _events(self, events: list[tuple[str, dict[str, Any]]], fault: Fault | None,
+                 knobs: Knobs, paced: set[str]) -> None:
+        """Server-sent events as Ollama writes them, one per chunk; events of a type in
+        `paced` wait a token's time first; `die_after` cuts the connection before
+        event number `after`."""
+        self._start_stream("text/event-stream")
+        for number, (name, data) in enumerate(events):
+            if fault is not None and fault.kind == "die_after" and number == fault.after:
+                self.connection.shutdown(socket.SHUT_RDWR)
+                self.close_connection = True
+                return
+            if name in paced:
+                self._pause(knobs.token_delay)
+            self._chunk(f"event: {name}\ndata: ".encode()
+                        + json.dumps(data, separators=(",", ":")).encode() + b"\n\n")
+        self._end_stream()
+
+    def _anthropic_generation(self, model: str, body: dict[str, Any], count: int,
+                              fault: Fault | None, knobs: Knobs) -> None:
+        """Anthropic's Messages API as Ollama's middleware answers it; a request with
+        tools gets a call of the first one."""
+        words = [knobs.word(i) for i in range(count)]
+        tools = body.get("tools") or []
+        call = ({"type": "tool_use", "id": "toolu_fake1", "name": tools[0]["name"],
+                 "input": {"city": "Paris"}} if tools else None)
+        stop = "tool_use" if call else "end_turn"
+        usage = {"input_tokens": 12, "output_tokens": count}
+        message = {"id": "msg_fake1", "type": "message", "role": "assistant", "model": model,
+                   "stop_reason": None, "stop_sequence": None}
+        if not body.get("stream"):
+            content = [{"type": "text", "text": "".join(words)}, *([call] if call else [])]
+            self._json(200, {**message, "content": content, "stop_reason": stop,
+                             "usage": usage})
+            return
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("message_start", {"type": "message_start", "message": {
+                **message, "content": [], "usage": {"input_tokens": 12, "output_tokens": 0}}}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            *(("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                       "delta": {"type": "text_delta", "text": word}})
+              for word in words),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ]
+        if call:
+            events += [
+                ("content_block_start", {"type": "content_block_start", "index": 1,
+                                         "content_block": {**call, "input": {}}}),
+                ("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {
+                    "type": "input_json_delta", "partial_json": json.dumps(call["input"])}}),
+                ("content_block_stop", {"type": "content_block_stop", "index": 1}),
+            ]
+        events += [
+            ("message_delta", {"type": "message_delta",
+                               "delta": {"stop_reason": stop, "stop_sequence": None},
+                               "usage": {"output_tokens": count}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        self._events(events, fault, knobs, {"content_block_delta"})
+
+    def _responses_generation(self, model: str, body: dict[str, Any], count: int,
+                              fault: Fault | None, knobs: Knobs) -> None:
+        """OpenAI's Responses API as Ollama's middleware answers it."""
+        words = [knobs.word(i) for i in range(count)]
+        text = "".join(words)
+        item_id = "msg_fake1"
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"type": "message", "id": item_id, "status": "completed", "role": "assistant",
+                "content": [part]}
+        response = {"id": "resp_fake1", "object": "response", "created_at": 1764151200,
+                    "status": "completed", "model": model, "output": [item], "error": None,
+                    "incomplete_details": None, "tools": [], "parallel_tool_calls": False,
+                    "tool_choice": "auto",
+                    "usage": {"input_tokens": 12, "output_tokens": count,
+                              "total_tokens": 12 + count}}
+        if not body.get("stream"):
+            self._json(200, response)
+            return
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": started}),
+            ("response.in_progress", {"response": started}),
+            ("response.output_item.added", {"output_index": 0, "item": {
+                **item, "status": "in_progress", "content": []}}),
+            ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+            *(("response.output_text.delta", {**where, "delta": word}) for word in words),
+            ("response.output_text.done", {**where, "text": text}),
+            ("response.content_part.done", {**where, "part": part}),
+            ("response.output_item.done", {"output_index": 0, "item": item}),
+            ("response.completed", {"response": response}),
+        ]
+        self._events([(name, {"type": name, **data, "sequence_number": number})
+                      for number, (name, data) in enumerate(events)],
+                     fault, knobs, {"response.output_text.delta"})
+
+    def v1_messages(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "messages")
+
+    def v1_responses(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "responses")
+
+    def v1_transcriptions(self, rec: Received, fault: Fault | None) -> None:
+        self._generation(rec, fault, "transcription")
+
+    def small_json(self, rec: Received, fault: Fault | None) -> None:
+        """The routes whose answers foreman only relays: a small JSON object naming the
+        route, so a test can tell which one answered."""
+        self._json(200, {"route": rec.path, "method": rec.method})
 
     def chat(self, rec: Received, fault: Fault | None) -> None:
         self._generation(rec, fault, "chat")
@@ -656,6 +832,15 @@ _ROUTES: dict[tuple[str, str], Callable[[_Handler, Received, Fault | None], None
     ("POST", "/v1/completions"): _Handler.v1_completions,
     ("POST", "/v1/embeddings"): _Handler.v1_embeddings,
     ("GET", "/v1/models"): _Handler.v1_models,
+    ("POST", "/v1/messages"): _Handler.v1_messages,
+    ("POST", "/v1/responses"): _Handler.v1_responses,
+    ("POST", "/v1/audio/transcriptions"): _Handler.v1_transcriptions,
+    ("GET", "/api/status"): _Handler.small_json,
+    ("POST", "/api/experimental/web_search"): _Handler.small_json,
+    ("POST", "/api/experimental/web_fetch"): _Handler.small_json,
+    ("GET", "/api/experimental/model-recommendations"): _Handler.small_json,
+    ("POST", "/api/me"): _Handler.small_json,
+    ("POST", "/api/signout"): _Handler.small_json,
     ("GET", "/fake/stats"): _Handler.fake_stats,
 }
 

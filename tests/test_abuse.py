@@ -59,7 +59,7 @@ def test_oversized_bodies_get_a_json_413(make_foreman: Callable[..., Daemon]) ->
     for path in ("/api/embed", "/jobs", "/api/show"):
         assert raw_request(daemon.url, "POST", path, body=b"x" * 70_000).status == 413
     sock = connect(daemon)  # chunked, no length announced
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
                  b"Content-Type: application/json\r\n\r\n")
     for _ in range(20):
         sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
@@ -75,7 +75,7 @@ def test_oversized_bodies_get_a_json_413(make_foreman: Callable[..., Daemon]) ->
 def test_a_byte_at_a_time_sender_does_not_hold_up_others(foreman: Daemon) -> None:
     body = b'{"model":"llama3","stream":false,"messages":[]}'
     sock = connect(foreman)
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n" % len(body))
     done = threading.Event()
 
@@ -134,7 +134,7 @@ def test_header_floods_are_refused_and_others_served(foreman: Daemon) -> None:
     accepted = raw_request(foreman.url, "GET", "/api/tags", many)
     assert accepted.status == 200
     sock = connect(foreman)  # ~1 MB of headers: waitress refuses before foreman sees it
-    sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: x\r\n")
+    sock.sendall(b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\n")
     try:
         for i in range(10_000):
             sock.sendall(b"X-Flood-%d: %s\r\n" % (i, b"z" * 100))
@@ -151,11 +151,11 @@ def test_header_floods_are_refused_and_others_served(foreman: Daemon) -> None:
 
 @pytest.mark.parametrize(("request_bytes", "status", "error"), [
     (b"NOT HTTP AT ALL\r\n\r\n", 400, "bad request: "),
-    (b"GET /api/tags HTTP/1.1\r\nHost: x\r\nContent-Length: many\r\n\r\n", 400,
+    (b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nContent-Length: many\r\n\r\n", 400,
      "bad request: Content-Length is invalid"),
-    (b"POST /api/chat HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
+    (b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip\r\n\r\n", 501,
      "not implemented: Transfer-Encoding requested is not supported."),
-    (b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * 300_000 + b"\r\n\r\n", 431,
+    (b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"y" * 300_000 + b"\r\n\r\n", 431,
      "request header fields too large: "),
 ], ids=["not-http", "bad-content-length", "gzip-transfer-coding", "huge-header"])
 def test_requests_waitress_cannot_parse_get_a_json_error(
@@ -179,7 +179,7 @@ def test_a_client_too_slow_with_its_headers_is_cut_at_the_header_timeout(
     slow = connect(daemon)
     started = time.monotonic()
     cut = False
-    for byte in b"GET /api/tags HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100:
+    for byte in b"GET /api/tags HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"y" * 100:
         if _closed_by_server(slow):
             cut = True
             break
@@ -229,7 +229,7 @@ def raw_via(daemon: Daemon, source: str) -> bytes:
     deadline = time.monotonic() + 5
     while True:
         sock = connect(daemon, source=source)
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         answer = read_until_closed(sock)
         sock.close()
         if answer.startswith(b"HTTP/1.1 200") or time.monotonic() > deadline:
@@ -243,8 +243,9 @@ def test_a_request_without_the_token_is_refused_before_its_body_is_read(
     daemon = make_foreman(token="t0k", server={"max_body": "64KB"})
     for headers, wanted in ((b"", 401), (b"Authorization: Bearer t0k\r\n", 413)):
         sock = connect(daemon)
-        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + headers + b"Content-Length: 104857600\r\n\r\n{\"model\": ")
+        sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\n"
+                     b"Content-Type: application/json\r\n" + headers
+                     + b"Content-Length: 104857600\r\n\r\n{\"model\": ")
         status, error = json_error(read_until_closed(sock))
         sock.close()
         assert status == wanted

@@ -79,6 +79,8 @@ def test_no_input_gets_a_500_or_a_non_json_error(fuzz_target: Daemon, method: st
     response = raw_request(fuzz_target.url, method, path, extra, send, timeout=15)
     assert response.status != 500, (method, path, response.body[:300])
     assert b"Traceback" not in response.body
+    if response.body == b"404 page not found":
+        return  # a path foreman does not know: the target's own answer, as Ollama's
     if response.status >= 400 and method != "HEAD":
         assert response.headers["content-type"] == "application/json", response.body[:200]
         error = json.loads(response.body)["error"]

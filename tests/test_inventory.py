@@ -15,8 +15,8 @@ from foreman.daemon import Daemon
 from foreman.inventory import Inventory, canonical_model_name
 from foreman.logs import configure_logging
 from foreman.target import TargetClient
+from tests.conftest import LogStream
 from tests.fake_ollama import FakeOllama, Fault
-from tests.test_http import LogStream
 
 
 @pytest.mark.parametrize(("a", "b"), [
@@ -131,16 +131,20 @@ def test_tokens_the_target_token_goes_out_and_the_inbound_token_never_does(
     daemon = make_foreman(token="for-foreman", target={"token": "for-ollama"},
                           embedder={"model": "nomic-embed-text"})
     assert fake.wait_for(lambda: len(fake.requests_to("/api/embed")) == 1)
-    auth = {"Authorization": "Bearer for-foreman", "Host": "gpu.example.com"}
+    auth = {"Authorization": "Bearer for-foreman", "Host": "gpu.local"}
     reply = requests.post(daemon.url + "/api/generate", headers=auth, timeout=5,
                           json={"model": "llama3", "prompt": "hi", "stream": False})
     assert reply.status_code == 200, reply.text
     assert requests.post(daemon.url + "/api/show", headers=auth, json={"model": "llama3"},
                          timeout=5).status_code == 200
+    anthropic_style = {"x-api-key": "for-foreman", "anthropic-version": "2023-06-01"}
+    assert requests.post(daemon.url + "/v1/messages", headers=anthropic_style, timeout=5, json={
+        "model": "llama3", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+    }).status_code == 200
     with fake.cond:
         received = list(fake.received)
     assert {r.path for r in received} >= {"/api/tags", "/api/ps", "/api/embed", "/api/generate",
-                                          "/api/show"}
+                                          "/api/show", "/v1/messages"}
     for r in received:
         assert r.headers["authorization"] == "Bearer for-ollama"
         assert "for-foreman" not in str(r.headers)

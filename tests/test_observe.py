@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from foreman.daemon import Daemon
 from foreman.logs import configure_logging
 from tests.browser import browser_page, rendered_dom
+from tests.conftest import LogStream
 from tests.fake_ollama import FakeOllama, Fault
 from tests.http_raw import raw_request
-from tests.test_http import LogStream
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
 AUTH = {"Authorization": "Bearer t0k"}
