@@ -24,7 +24,8 @@ def raw_request(base_url: str, method: str, path: str, headers: dict[str, str] |
     parts = urlsplit(base_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
+        own_host = any(name.lower() == "host" for name in headers or {})
+        conn.putrequest(method, path, skip_accept_encoding=True, skip_host=own_host)
         for name, value in (headers or {}).items():
             conn.putheader(name, value)
         if body is not None:

@@ -77,6 +77,10 @@ def test_bad_sizes(bad: object) -> None:
     ("jobs:\n  retention: 0\n", "jobs.retention", "at least 1s"),
     ("token: 0123\n", "token", "put it in quotes"),
     ("target:\n  token: 12.50\n", "target.token", "put it in quotes"),
+    ("jobs:\n  webhook_secret: whsec_not*base64\n", "jobs.webhook_secret", "base64"),
+    ("jobs:\n  webhook_hosts: [1, 2]\n", "jobs.webhook_hosts", "list of strings"),
+    ("cors:\n  origins: {a: b}\n", "cors.origins", "list of strings"),
+    ("server:\n  allowed_hosts: 7\n", "server.allowed_hosts", "list of strings"),
 ])
 def test_errors_name_the_file_and_key(tmp_path: Path, text: str, key: str, fragment: str) -> None:
     path = write(tmp_path, text)
@@ -100,6 +104,23 @@ def test_env_overrides_tokens(tmp_path: Path) -> None:
                                         "FOREMAN_TARGET_TOKEN": "env-out"})
     assert config.token == "env-in" and config.target.token == "env-out"
     assert load_config(path, environ={}).token == "from-file"
+
+
+def test_the_door_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "cors:\n  origins: [chrome-extension://*]\nserver:\n"
+                           "  allowed_hosts: gpu.example.com, nas.example.com\njobs:\n"
+                           "  webhook_secret: whsec_c2VjcmV0\n  webhook_hosts: [hooks.example]\n")
+    config = load_config(path, environ={"FOREMAN_WEBHOOK_SECRET": "from-env"})
+    assert config.cors.origins == ("chrome-extension://*",)
+    assert config.server.allowed_hosts == ("gpu.example.com", "nas.example.com")
+    assert config.jobs.webhook_hosts == ("hooks.example",)
+    assert config.jobs.webhook_secret == "from-env"  # the environment wins, as for tokens
+    assert load_config(path, environ={}).jobs.webhook_secret == "whsec_c2VjcmV0"
+    shown = config.redacted()
+    assert shown["jobs"]["webhook_secret"] == "<redacted>"
+    assert shown["cors"]["origins"] == ["chrome-extension://*"]
+    with pytest.raises(ConfigError, match="FOREMAN_WEBHOOK_SECRET: .*base64"):
+        load_config(path, environ={"FOREMAN_WEBHOOK_SECRET": "whsec_%%%"})
 
 
 def test_an_empty_env_token_counts_as_unset(tmp_path: Path) -> None:
