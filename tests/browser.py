@@ -50,13 +50,14 @@ def screenshot(url: str, path: str, budget_ms: int = 4000) -> None:
 
 
 @contextlib.contextmanager
-def browser_page() -> Iterator[Any]:
-    """A Playwright page in headless Chromium (the same binary and flags as above)."""
+def browser_page(*extra_flags: str) -> Iterator[Any]:
+    """A Playwright page in headless Chromium (the same binary and flags as above, and
+    `extra_flags`)."""
     from playwright.sync_api import sync_playwright
 
     binary = chromium()
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=binary, args=FLAGS)
+        browser = playwright.chromium.launch(executable_path=binary, args=[*FLAGS, *extra_flags])
         try:
             page = browser.new_page()
             page.set_default_timeout(10_000)

@@ -119,7 +119,7 @@ def test_the_door_keys(tmp_path: Path) -> None:
     shown = config.redacted()
     assert shown["jobs"]["webhook_secret"] == "<redacted>"
     assert shown["cors"]["origins"] == ["chrome-extension://*"]
-    with pytest.raises(ConfigError, match="FOREMAN_WEBHOOK_SECRET: .*base64"):
+    with pytest.raises(ConfigError, match=r"FOREMAN_WEBHOOK_SECRET: .*base64"):
         load_config(path, environ={"FOREMAN_WEBHOOK_SECRET": "whsec_%%%"})
 
 
