@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 # Ollama's default origins: loopback names on http(s) with and without a port,
@@ -42,6 +42,7 @@ PREFLIGHT_MAX_AGE = str(12 * 3600)
 _PRIVATE = tuple(ipaddress.ip_network(n) for n in
                  ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
 _LOCAL_SUFFIXES = (".localhost", ".local", ".internal")
+_VERDICTS_KEPT = 256  # per kind: a scanner's endless names must not grow them
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,15 @@ def _own_addresses(hostname: str) -> frozenset[str]:
         return frozenset()
 
 
+def _remembered(verdicts: dict[str, bool], value: str, decide: Callable[[str], bool]) -> bool:
+    known = verdicts.get(value)
+    if known is None:
+        known = decide(value)
+        if len(verdicts) < _VERDICTS_KEPT:
+            verdicts[value] = known
+    return known
+
+
 class Guard:
     def __init__(self, loopback_only: bool, origins: Iterable[str] = (),
                  allowed_hosts: Iterable[str] = (), hostname: str | None = None) -> None:
@@ -98,10 +108,14 @@ class Guard:
         self._hostname = (hostname if hostname is not None else socket.gethostname()).lower()
         self._allowed_hosts = frozenset(h.strip().lower().strip("[]") for h in allowed_hosts)
         self._own = _own_addresses(self._hostname) if loopback_only else frozenset()
+        # Verdicts on the few Host and Origin values a machine's clients send, so a
+        # request costs dict lookups, not address parses and pattern walks.
+        self._hosts: dict[str, bool] = {}
+        self._origins: dict[str, bool] = {}
 
     def verdict(self, method: str, host: str, origin: str) -> Verdict:
         if origin and origin not in (f"http://{host}", f"https://{host}"):
-            if not self.origin_allowed(origin):
+            if not _remembered(self._origins, origin, self.origin_allowed):
                 return Verdict(refusal=f"origin not allowed: {origin} (see cors.origins)")
             allow = "*" if self._any_origin else origin
             if method == "OPTIONS":
@@ -116,7 +130,7 @@ class Guard:
             cors = (("Access-Control-Allow-Origin", allow), ("Vary", "Origin"))
         else:
             cors = ()
-        if self._check_host and not self.host_allowed(host):
+        if self._check_host and not _remembered(self._hosts, host, self.host_allowed):
             return Verdict(refusal=f"host not allowed: {host} (see server.allowed_hosts)")
         return Verdict(headers=cors) if cors else SERVE
 

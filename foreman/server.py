@@ -36,6 +36,8 @@ from waitress.parser import HTTPRequestParser
 from waitress.task import ErrorTask, ThreadedTaskDispatcher
 from waitress.utilities import Error
 
+from .dialects import dialect_of
+
 # waitress reads (and spools to disk past 512 KB) every request body before
 # the application sees it, so this is the largest upload that can pass at all:
 # the blob upload route, whose bodies are model files.  Other routes get the
@@ -128,17 +130,18 @@ def warm_thread_dispatcher(threads: int) -> ThreadedTaskDispatcher:
 
 
 class _AsJson:
-    """A waitress error rendered as foreman renders every error: `{"error": "..."}`."""
+    """A waitress error rendered as foreman renders every error: JSON in the shape of
+    the route's API family."""
 
-    def __init__(self, error: Error) -> None:
-        self._error = error
+    def __init__(self, error: Error, path: str) -> None:
+        self._error, self._path = error, path
 
     def to_response(self, ident: str | None = None) -> tuple[str, list[tuple[str, str]], bytes]:
         error = self._error
         # The app's own words for a body too large, whoever noticed it first.
         text = ("request body too large" if error.code == 413
                 else f"{error.reason.lower()}: {error.body}")
-        body = json.dumps({"error": text}).encode()
+        body = dialect_of(self._path).error_body(error.code, text)
         return (f"{error.code} {error.reason}",
                 [("Content-Type", "application/json; charset=utf-8")], body)
 
@@ -150,7 +153,7 @@ class _JsonErrorTask(ErrorTask):
 
     def execute(self) -> None:
         if not isinstance(self.request.error, EarlyAnswer):
-            self.request.error = _AsJson(self.request.error)
+            self.request.error = _AsJson(self.request.error, self.request.path or "")
         super().execute()
 
 

@@ -118,7 +118,7 @@ class _Delivery:
 class WebhookNotifier:
     def __init__(self, render: Callable[[Job], bytes], policy: WebhookPolicy,
                  key: bytes = b"", attempts: int = 5, first_delay: float = 1.0,
-                 deadline: float = 10.0, concurrency: int = 4) -> None:
+                 deadline: float = 10.0, concurrency: int = 8) -> None:
         """`key`: the HMAC key deliveries are signed with (empty: unsigned);
         `deadline`: the whole of one attempt, connecting to the last byte read."""
         self._render, self._policy, self._key = render, policy, key

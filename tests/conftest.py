@@ -17,6 +17,7 @@ from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
 from foreman.logs import configure_logging
 from tests.fake_ollama import FakeOllama
+from tests.receiver import Receiver
 
 # Every inbound token a test gives foreman, and every target token.  None may ever
 # appear in a log line; no inbound token may ever reach the fake target.
@@ -123,6 +124,20 @@ def make_foreman(fake: FakeOllama, tmp_path: Path) -> Iterator[Callable[..., Dae
     yield make
     for daemon in daemons:
         daemon.shutdown(drain_timeout=2)
+
+
+@pytest.fixture
+def receivers() -> Iterator[Callable[..., Receiver]]:
+    """Makes webhook receivers, stopped after the test."""
+    made: list[Receiver] = []
+
+    def make(**settings: Any) -> Receiver:
+        made.append(Receiver(**settings))
+        return made[-1]
+
+    yield make
+    for receiver in made:
+        receiver.stop()
 
 
 @pytest.fixture

@@ -306,26 +306,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- dispatch ---------------------------------------------------------------
 
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_HEAD(self) -> None:
-        self._handle("HEAD")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
-
-    def do_OPTIONS(self) -> None:
-        self._handle("OPTIONS")
+    def __getattr__(self, name: str) -> Callable[[], None]:
+        """`do_GET`, `do_PUT`, ...: every method reaches `_handle`, as in Go's router."""
+        if name.startswith("do_"):
+            return lambda: self._handle(name[3:])
+        raise AttributeError(name)
 
     def _handle(self, method: str) -> None:
         fake = self.fake
@@ -692,31 +677,10 @@ class _Handler(BaseHTTPRequestHandler):
                       for number, (name, data) in enumerate(events)],
                      fault, knobs, {"response.output_text.delta"})
 
-    def v1_messages(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "messages")
-
-    def v1_responses(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "responses")
-
-    def v1_transcriptions(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "transcription")
-
     def small_json(self, rec: Received, fault: Fault | None) -> None:
         """The routes whose answers foreman only relays: a small JSON object naming the
         route, so a test can tell which one answered."""
         self._json(200, {"route": rec.path, "method": rec.method})
-
-    def chat(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "chat")
-
-    def generate(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "generate")
-
-    def v1_chat(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "chat.completion")
-
-    def v1_completions(self, rec: Received, fault: Fault | None) -> None:
-        self._generation(rec, fault, "text_completion")
 
     def _embedding(self, rec: Received, shape: str) -> None:
         parsed = self._model_of(rec, 'model "{model}" not found, try pulling it first')
@@ -816,25 +780,33 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(201 if rec.method == "POST" else 200, b"")
 
 
-_ROUTES: dict[tuple[str, str], Callable[[_Handler, Received, Fault | None], None]] = {
+Route = Callable[[_Handler, Received, Fault | None], None]
+
+
+def _generating(kind: str) -> Route:
+    """The handler of a generation route answering in `kind`'s shape."""
+    return lambda handler, rec, fault: handler._generation(rec, fault, kind)
+
+
+_ROUTES: dict[tuple[str, str], Route] = {
     ("GET", "/"): _Handler.root,
     ("GET", "/api/version"): _Handler.version,
     ("GET", "/api/tags"): _Handler.tags,
     ("GET", "/api/ps"): _Handler.ps,
-    ("POST", "/api/chat"): _Handler.chat,
-    ("POST", "/api/generate"): _Handler.generate,
+    ("POST", "/api/chat"): _generating("chat"),
+    ("POST", "/api/generate"): _generating("generate"),
     ("POST", "/api/embed"): _Handler.embed,
     ("POST", "/api/embeddings"): _Handler.embeddings,
     ("POST", "/api/show"): _Handler.show,
     ("POST", "/api/pull"): _Handler.pull,
     ("DELETE", "/api/delete"): _Handler.delete,
-    ("POST", "/v1/chat/completions"): _Handler.v1_chat,
-    ("POST", "/v1/completions"): _Handler.v1_completions,
+    ("POST", "/v1/chat/completions"): _generating("chat.completion"),
+    ("POST", "/v1/completions"): _generating("text_completion"),
     ("POST", "/v1/embeddings"): _Handler.v1_embeddings,
     ("GET", "/v1/models"): _Handler.v1_models,
-    ("POST", "/v1/messages"): _Handler.v1_messages,
-    ("POST", "/v1/responses"): _Handler.v1_responses,
-    ("POST", "/v1/audio/transcriptions"): _Handler.v1_transcriptions,
+    ("POST", "/v1/messages"): _generating("messages"),
+    ("POST", "/v1/responses"): _generating("responses"),
+    ("POST", "/v1/audio/transcriptions"): _generating("transcription"),
     ("GET", "/api/status"): _Handler.small_json,
     ("POST", "/api/experimental/web_search"): _Handler.small_json,
     ("POST", "/api/experimental/web_fetch"): _Handler.small_json,

@@ -58,17 +58,23 @@ def test_oversized_bodies_get_a_json_413(make_foreman: Callable[..., Daemon]) ->
     assert declared.status == 413 and declared.json() == {"error": "request body too large"}
     for path in ("/api/embed", "/jobs", "/api/show"):
         assert raw_request(daemon.url, "POST", path, body=b"x" * 70_000).status == 413
-    sock = connect(daemon)  # chunked, no length announced
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
-                 b"Content-Type: application/json\r\n\r\n")
-    for _ in range(20):
-        sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
-    sock.sendall(b"0\r\n\r\n")
-    answer = http.client.HTTPResponse(sock)
-    answer.begin()
-    assert answer.status == 413 and json.loads(answer.read()) == {
-        "error": "request body too large"}
-    sock.close()
+    expected = {"/api/chat": {"error": "request body too large"},
+                "/v1/messages": {"type": "error", "error": {
+                    "type": "api_error", "message": "request body too large"}}}
+    for path, error in expected.items():
+        sock = connect(daemon)  # chunked, no length announced
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: localhost\r\n".encode()
+                     + b"Transfer-Encoding: chunked\r\nContent-Type: application/json\r\n\r\n")
+        for _ in range(20):
+            sock.sendall(b"1000\r\n" + b" " * 4096 + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        answer = http.client.HTTPResponse(sock)
+        answer.begin()
+        assert answer.status == 413
+        got = json.loads(answer.read())
+        got.pop("request_id", None)
+        assert got == error, path  # the shape of the route's family
+        sock.close()
     assert requests.get(daemon.url + "/healthz", timeout=5).status_code == 200
 
 

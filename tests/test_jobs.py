@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 
 import pytest
 import requests
@@ -13,6 +12,7 @@ import requests
 from foreman.daemon import Daemon
 from foreman.store import StoreUnavailable
 from tests.fake_ollama import FakeOllama, Fault, embedding_for
+from tests.receiver import Receiver
 
 CHAT = {"model": "llama3", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -245,45 +245,17 @@ def test_target_4xx_fails_at_once_and_5xx_is_retried(
     assert spent["error"].startswith("oom")
 
 
-class Hook:
-    """A webhook receiver that fails its first delivery."""
-
-    def __init__(self) -> None:
-        self.received: list[dict] = []
-        self.cond = threading.Condition()
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                with hook.cond:
-                    hook.received.append(json.loads(body))
-                    hook.cond.notify_all()
-                self.send_response(500 if len(hook.received) == 1 else 204)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/done?secret=1"
-
-
 @pytest.fixture
-def hook() -> Iterator[Hook]:
-    receiver = Hook()
-    yield receiver
-    receiver.server.shutdown()
+def hook(receivers: Callable[..., Receiver]) -> Receiver:
+    """A webhook receiver that fails its first delivery."""
+    return receivers(statuses=(500, 204))
 
 
-def test_webhook_gets_the_finished_job_with_retries(foreman: Daemon, hook: Hook) -> None:
+def test_webhook_gets_the_finished_job_with_retries(foreman: Daemon, hook: Receiver) -> None:
     job_id = submit(foreman, "chat", CHAT, webhook=hook.url).json()["id"]
-    with hook.cond:
-        assert hook.cond.wait_for(lambda: len(hook.received) == 2, 10)
-    assert hook.received[0] == hook.received[1]
-    assert hook.received[1]["id"] == job_id and hook.received[1]["status"] == "succeeded"
+    assert hook.wait(2)
+    first, retry = hook.got[0].json, hook.got[1].json
+    assert first == retry and retry["id"] == job_id and retry["status"] == "succeeded"
 
 
 def test_long_poll_returns_when_the_job_ends(foreman: Daemon, fake: FakeOllama) -> None:
@@ -298,7 +270,7 @@ def test_long_poll_returns_when_the_job_ends(foreman: Daemon, fake: FakeOllama) 
 @pytest.mark.parametrize("line", [b"<html>oops</html>", b'{"message": "\xff\xfe broken"}',
                                   b"[1, 2]"])
 def test_a_stream_line_ollama_never_sends_fails_the_job_not_strands_it(
-        make_foreman: Callable[..., Daemon], fake: FakeOllama, hook: Hook,
+        make_foreman: Callable[..., Daemon], fake: FakeOllama, hook: Receiver,
         monkeypatch: pytest.MonkeyPatch, line: bytes) -> None:
     """Regression (issue 13.1): a non-JSON or invalid UTF-8 line left the job `running`
     until a restart, with no retry and no webhook."""
@@ -311,9 +283,8 @@ def test_a_stream_line_ollama_never_sends_fails_the_job_not_strands_it(
     assert done["status"] == "failed" and done["attempts"] == 2
     assert done["error"].startswith("ollama answered badly: a stream line that is not")
     assert done["error"].endswith("(after 2 attempts)")
-    with hook.cond:  # the receiver fails its first delivery; the retry arrives
-        assert hook.cond.wait_for(lambda: len(hook.received) == 2, 10)
-    assert hook.received[-1]["status"] == "failed"
+    assert hook.wait(2)  # the receiver fails its first delivery; the retry arrives
+    assert hook.got[-1].json["status"] == "failed"
 
 
 @pytest.mark.parametrize(("fault", "settings", "error"), [
