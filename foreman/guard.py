@@ -77,7 +77,7 @@ def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address
     return mapped if mapped is not None else address
 
 
-def _own_addresses(hostname: str) -> frozenset[str]:
+def own_addresses(hostname: str) -> frozenset[str]:
     """The machine's own addresses, as far as the stdlib can tell: those its
     hostname resolves to (Go lists interfaces; Python cannot without a package)."""
     try:
@@ -107,7 +107,7 @@ class Guard:
         self._check_host = loopback_only
         self._hostname = (hostname if hostname is not None else socket.gethostname()).lower()
         self._allowed_hosts = frozenset(h.strip().lower().strip("[]") for h in allowed_hosts)
-        self._own = _own_addresses(self._hostname) if loopback_only else frozenset()
+        self._own = own_addresses(self._hostname) if loopback_only else frozenset()
         # Verdicts on the few Host and Origin values a machine's clients send, so a
         # request costs dict lookups, not address parses and pattern walks.
         self._hosts: dict[str, bool] = {}

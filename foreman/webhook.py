@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .config import ListenAddress
+from .guard import own_addresses
 from .store import Job
 
 log = logging.getLogger("foreman.webhook")
@@ -71,6 +72,7 @@ class WebhookPolicy:
         self._allowed = frozenset(h.strip().lower().strip("[]") for h in allowed_hosts)
         self.own = own  # foreman's listening address; set again once the port is bound
         self._hostname = (hostname if hostname is not None else socket.gethostname()).lower()
+        self._local = own_addresses(self._hostname)
 
     def problem(self, url: str) -> str | None:
         """Why foreman will not call `url`, or None when it will."""
@@ -79,7 +81,7 @@ class WebhookPolicy:
             port = parts.port
         except ValueError:
             return "webhook must be an http(s) URL"
-        host = (parts.hostname or "").lower()
+        host = (parts.hostname or "").lower().rstrip(".")  # `localhost.` is localhost
         if parts.scheme not in ("http", "https") or not host:
             return "webhook must be an http(s) URL"
         if "@" in parts.netloc:
@@ -103,8 +105,9 @@ class WebhookPolicy:
         if address is None:
             return host in ("localhost", self._hostname, self.own.host.lower()) \
                 or host.endswith(".localhost")
-        return (address.is_loopback or address == own
-                or (own is not None and own.is_unspecified))
+        listening_everywhere = own is not None and own.is_unspecified
+        return (address.is_loopback or address == own or address.is_unspecified
+                or (listening_everywhere and str(address) in self._local))
 
 
 @dataclass(frozen=True)
