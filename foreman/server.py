@@ -153,7 +153,8 @@ class _JsonErrorTask(ErrorTask):
 
     def execute(self) -> None:
         if not isinstance(self.request.error, EarlyAnswer):
-            self.request.error = _AsJson(self.request.error, self.request.path or "")
+            # A request line that did not parse has no path: Ollama's shape, then.
+            self.request.error = _AsJson(self.request.error, getattr(self.request, "path", ""))
         super().execute()
 
 
