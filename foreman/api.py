@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,6 +165,7 @@ class OllamaApi:
         self._max_wait = max_wait or None
         self._allow_admin = allow_admin
         self._unknown_seen: set[tuple[str, str]] = set()
+        self._unknown_lock = threading.Lock()
 
     def rules(self) -> list[Rule]:
         return [
@@ -219,8 +221,13 @@ class OllamaApi:
         may run the GPU."""
         target = _request_target(request.environ)
         key = (request.method, request.path)
-        if key not in self._unknown_seen and len(self._unknown_seen) < _UNKNOWN_ROUTES_LOGGED:
-            self._unknown_seen.add(key)
+        with self._unknown_lock:
+            first = key not in self._unknown_seen
+            if first and len(self._unknown_seen) < _UNKNOWN_ROUTES_LOGGED:
+                self._unknown_seen.add(key)
+            else:
+                first = False
+        if first:
             log.info("forwarding %s %s, a route foreman does not know, to the target", *key)
         if request.method in ("GET", "HEAD", "OPTIONS"):
             upstream = self._client.open(request.method, target, None, None,

@@ -29,6 +29,8 @@ class Estimator:
         self._models: dict[str, ModelHistory] = {}
 
     def record(self, model: str, seconds: float, resident: bool) -> None:
+        if not model:  # a forwarded route's work: what it ran, foreman cannot know
+            return
         with self._lock:
             history = self._models.setdefault(canonical_model_name(model), ModelHistory())
             history.samples += 1

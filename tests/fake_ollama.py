@@ -814,6 +814,7 @@ _ROUTES: dict[tuple[str, str], Route] = {
     ("POST", "/api/me"): _Handler.small_json,
     ("POST", "/api/signout"): _Handler.small_json,
     ("GET", "/fake/stats"): _Handler.fake_stats,
+    ("POST", "/fake/future"): _Handler.small_json,  # a route Ollama might add next month
 }
 
 

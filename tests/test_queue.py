@@ -274,4 +274,6 @@ def test_estimates_learn_only_from_answered_generations(
     reader.close()  # a client that leaves mid-answer
     assert fake.wait_for(lambda: len(fake.stats.gone) == 1, 5)
     assert daemon.chat_lane.wait_for(lambda lane: lane.in_flight == 0, 5)
+    # A route foreman does not know, answered: it took the slot, but for what model?
+    assert requests.post(daemon.url + "/fake/future", json={}, timeout=10).status_code == 200
     assert history() == learned
