@@ -150,8 +150,8 @@ class ForemanApp:
             self._active += 1
             self._idle.notify_all()
         try:
-            handler = self._at_door(verdict, environ.get("PATH_INFO", "")) \
-                or self._dispatch(environ)
+            at_door = self._at_door(verdict, environ.get("PATH_INFO", ""))
+            handler = self._dispatch(environ) if at_door is None else at_door
             body = handler(environ, recording_start_response)
         except BaseException:
             done()

@@ -290,7 +290,7 @@ def test_a_stream_the_target_breaks_ends_with_the_familys_error_event(
 ])
 def test_server_sent_events_are_relayed_as_they_arrive_bytes_untouched(
         foreman: Daemon, fake: FakeOllama, path: str, body: dict[str, Any]) -> None:
-    fake.token_delay = 0.2
+    fake.token_delay = 0.05
     with requests.post(foreman.url + path, json=body, stream=True, timeout=10) as answer:
         chunks = answer.iter_content(None)
         first = next(chunks)
