@@ -331,14 +331,19 @@ class Server:
         finally:
             self._stopped.set()
 
-    def stop_accepting(self) -> None:
+    def stop_accepting(self, timeout: float = 5.0) -> None:
+        """Close the listening socket, from waitress's loop, and return once it is
+        closed (or `timeout` passed): a connection attempted after this is refused."""
         listener = self._server
+        closed = threading.Event()
 
         def close_listener() -> None:
             # The dispatcher's own close() would take the loop's trigger with it.
             wasyncore.dispatcher.close(listener)
+            closed.set()
 
         self._server.trigger.pull_trigger(close_listener)
+        closed.wait(timeout)
 
     def close(self, flush_timeout: float = 5.0) -> None:
         """Stop the worker threads and the loop, closing every connection.
