@@ -30,7 +30,7 @@ from .config import (
     webhook_key,
     with_environment,
 )
-from .estimates import Estimator
+from .estimates import Estimator, ModelHistory
 from .guard import Guard, is_loopback_listen
 from .inventory import Inventory
 from .jobs_api import JobsApi, render_job
@@ -39,7 +39,7 @@ from .metrics import Metrics
 from .observe import ObserveApi, register_gauges
 from .queue_view import QueueView
 from .server import Server
-from .store import JobStore, StoreCorrupt, StoreInUse
+from .store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable
 from .target import TargetClient
 from .warmup import EmbedderWarmer
 from .watch import ClientWatcher
@@ -183,11 +183,19 @@ def build_daemon(config: Config) -> Daemon:
     inventory = Inventory(client, config.inventory.poll_interval,
                           miss_cooldown=config.inventory.repoll_cooldown,
                           poll_timeout=config.inventory.poll_timeout)
-    estimator = Estimator()
+    store = JobStore(config.jobs.db, exclusive=True)
+
+    def save_history(model: str, history: ModelHistory) -> None:
+        try:
+            store.save_model_history(model, history.generation, history.load, history.samples)
+        except StoreUnavailable as exc:  # the history is a help, never a failure
+            log.warning("cannot save the history of %s: %s", model, exc.message)
+
+    estimator = Estimator(store.model_history(), save_history)
     # The estimator learns from chat-slot work the target answered, nothing else.
     chat_lane = Lane("chat slot", config.chat.concurrency, config.chat.max_queue,
-                     on_release=lambda work, held: estimator.record(work.model, held,
-                                                                    work.resident))
+                     on_release=lambda work, held: estimator.record(
+                         work.model, held, work.resident, work.final))
     embed_lane = Lane("embed lane", config.embed.concurrency, config.embed.max_queue)
     metrics = Metrics()
     watcher = ClientWatcher()
@@ -207,7 +215,6 @@ def build_daemon(config: Config) -> Daemon:
         max_wait=config.chat.max_wait,
         allow_admin=config.target.allow_admin,
     )
-    store = JobStore(config.jobs.db, exclusive=True)
     webhooks = WebhookPolicy(config.jobs.webhook_hosts, config.listen)
     notifier = WebhookNotifier(render_job, webhooks, webhook_key(config.jobs.webhook_secret))
     worker = JobWorker(
@@ -224,7 +231,7 @@ def build_daemon(config: Config) -> Daemon:
         return watchdog.health(inventory.snapshot)
 
     observe = ObserveApi(queue, metrics, target_health)
-    register_gauges(metrics, chat_lane, embed_lane, inventory, store, target_health)
+    register_gauges(metrics, chat_lane, embed_lane, inventory, store, target_health, estimator)
     public = {api.health, observe.status}
     if config.metrics.public:
         public.add(observe.metrics)

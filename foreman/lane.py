@@ -63,6 +63,7 @@ class Work:
     started_at: float | None = None
     chunks: int = 0  # stream chunks relayed so far, for the queue view
     answered: bool = False  # the target gave a complete answer: worth learning from
+    final: bytes = b""  # the target's final message, whose tail has Ollama's durations
 
 
 class Ticket:

@@ -16,6 +16,7 @@ from werkzeug.wrappers import Request, Response
 
 from . import __version__
 from .errors import json_response
+from .estimates import Estimator
 from .inventory import Inventory
 from .lane import Lane
 from .metrics import Metrics
@@ -28,8 +29,9 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, inventory: Inventory,
-                    store: JobStore, target: Callable[[], TargetHealth]) -> None:
-    """Gauges read from their owners at scrape time."""
+                    store: JobStore, target: Callable[[], TargetHealth],
+                    estimator: Estimator) -> None:
+    """Gauges and counters read from their owners at scrape time."""
     metrics.register("foreman_chat_waiting", "Interactive requests and job workers waiting for "
                   "the chat slot.", lambda: [((), chat_lane.waiting)])
     metrics.register("foreman_chat_in_flight", "Generations holding the chat slot.",
@@ -45,6 +47,14 @@ def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, invento
                      lambda: [((), inventory.poll_failures)], kind="counter")
     metrics.register("foreman_jobs", "Jobs in the store, by status.",
                   lambda: [((("status", s),), n) for s, n in store.counts().items()])
+    metrics.register("foreman_model_loads_total", "Model loads (swaps) Ollama reported in"
+                     " the generations foreman ran, by model.",
+                     lambda: [((("model", m),), n) for m, n, _ in estimator.loads()],
+                     kind="counter")
+    metrics.register("foreman_model_load_seconds_total", "Time Ollama spent loading models"
+                     " for those generations, by model.",
+                     lambda: [((("model", m),), t) for m, _, t in estimator.loads()],
+                     kind="counter")
     metrics.register("foreman_build_info", "foreman's version.",
                   lambda: [((("version", __version__),), 1)])
 

@@ -56,11 +56,13 @@ def relayed_headers(upstream: Upstream) -> list[tuple[str, str]]:
 class Tally(Protocol):
     chunks: int
     answered: bool
+    final: bytes
 
 
 class _Count:
     chunks = 0
     answered = False
+    final = b""
 
 
 class StreamedBody:
@@ -111,6 +113,7 @@ class StreamedBody:
                 # Ollama reports a failure after the stream started as a last error line.
                 failed = last.startswith(b'{"error"')
             tally.answered = self._upstream.status < 300 and not failed
+            tally.final = last
         except TargetTransportError as exc:
             # As Ollama does: an error after the stream started ends it, in the
             # family's own words (a last error line, or an error event).
@@ -175,6 +178,7 @@ def relay(upstream: Upstream, on_close: list[Callable[[], None]], head: bool = F
                                   f" that is not JSON")
         if tally is not None:
             tally.answered = 200 <= upstream.status < 300
+            tally.final = body
     finally:
         upstream.close()
         for callback in on_close:

@@ -62,6 +62,12 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_line ON jobs (status, priority DESC, seq);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS model_history (
+    model TEXT PRIMARY KEY,
+    generation REAL,
+    load REAL,
+    samples INTEGER NOT NULL
+);
 """
 
 
@@ -361,6 +367,19 @@ class JobStore:
                           (*args, limit + 1))
         jobs = [_job(r) for r in rows[:limit]]
         return jobs, jobs[-1].seq if len(rows) > limit else None
+
+    def model_history(self) -> list[tuple[str, float | None, float | None, int]]:
+        """The estimator's saved history: (model, generation, load, samples)."""
+        return [(r["model"], r["generation"], r["load"], r["samples"])
+                for r in self._read("SELECT * FROM model_history")]
+
+    def save_model_history(self, model: str, generation: float | None, load: float | None,
+                           samples: int) -> None:
+        with self._write() as db:
+            db.execute("INSERT INTO model_history (model, generation, load, samples)"
+                       " VALUES (?, ?, ?, ?) ON CONFLICT (model) DO UPDATE SET"
+                       " generation = excluded.generation, load = excluded.load,"
+                       " samples = excluded.samples", (model, generation, load, samples))
 
     def peek(self, kinds: tuple[str, ...]) -> Job | None:
         """The job `claim` would take now, without taking it."""

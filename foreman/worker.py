@@ -188,7 +188,7 @@ class JobWorker:
             if job is not None:
                 work.label, work.model = job.id, job.model
                 work.resident = self._inventory.is_loaded(job.model)
-                work.answered = self._run(job)
+                work.answered = self._run(job, work)
         finally:
             ticket.release()
 
@@ -205,14 +205,15 @@ class JobWorker:
 
     # -- one job ------------------------------------------------------------------
 
-    def _run(self, job: Job) -> bool:
-        """Run one claimed job to a new state; returns whether the target answered it."""
+    def _run(self, job: Job, work: Work) -> bool:
+        """Run one claimed job to a new state; returns whether the target answered it
+        (and leaves its final message in `work`, for the estimator)."""
         item = Running(job, AbortSignal(watched=job.kind in GENERATION_KINDS))
         with self._lock:
             self._running[job.id] = item
         started = time.monotonic()
         try:
-            result_json = (self._generate(item) if job.kind in GENERATION_KINDS
+            result_json = (self._generate(item, work) if job.kind in GENERATION_KINDS
                            else self._embed(item))
         except Exception as exc:  # every way out of a run ends in a state change
             self._after_failure(item, exc)
@@ -287,7 +288,7 @@ class JobWorker:
                 return raw.decode()  # kept as Ollama sent it: it parsed, so it is JSON
         return json.dumps(answer)  # documents splice it, so it must be plain UTF-8 JSON
 
-    def _generate(self, item: Running) -> str:
+    def _generate(self, item: Running, work: Work) -> str:
         job = item.job
         body = json.dumps({**job.request, "stream": True}).encode()
         upstream = self._watchdog.open(f"/api/{job.kind}", body, job.model, item.abort)
@@ -304,7 +305,7 @@ class JobWorker:
                 with self._lock:
                     item.pieces.append(piece)
                 if chunk.get("done"):
-                    final = chunk
+                    final, work.final = chunk, line
             if final is None:
                 raise TargetLost("the stream ended before its final message")
             return json.dumps(assembled.result(final))

@@ -99,6 +99,33 @@ class Knobs:
 
 
 @dataclass
+class Gpu:
+    """One simulated GPU: `capacity` chat models fit at once, bringing in another
+    costs `load_seconds` and evicts the least recently used, and generations run one
+    at a time (Ollama on one GPU with OLLAMA_NUM_PARALLEL=1)."""
+
+    capacity: int = 1
+    load_seconds: float = 0.5
+    resident: list[str] = field(default_factory=list)  # least recently used first
+    loads: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def bring(self, model: str) -> float:
+        """Make `model` resident (call with `lock` held); the seconds the load took."""
+        if model in self.resident:
+            self.resident.remove(model)
+            self.resident.append(model)
+            return 0.0
+        started = time.monotonic()
+        time.sleep(self.load_seconds)
+        self.loads += 1
+        if len(self.resident) >= self.capacity:
+            self.resident.pop(0)
+        self.resident.append(model)
+        return time.monotonic() - started
+
+
+@dataclass
 class Stats:
     generations_active: int = 0
     generations_peak: int = 0
@@ -110,6 +137,7 @@ class Stats:
     started_at: list[float] = field(default_factory=list)  # time.monotonic() per generation
     finished_at: list[float] = field(default_factory=list)
     body_digests: list[str] = field(default_factory=list)  # sha256 of each body over 1 MiB
+    loads: int = 0  # with a simulated GPU: model loads so far
 
 
 class FakeOllama:
@@ -127,6 +155,7 @@ class FakeOllama:
         self.raw_targets: list[str] = []  # each request's path and query, as sent
         self.stats = Stats()
         self.faults: dict[str, deque[Fault]] = defaultdict(deque)
+        self.gpu: Gpu | None = None  # set: generations are serialised and pay for loads
         self.cond = threading.Condition()
         self.release = threading.Event()  # lets hung requests go
         self._server: ThreadingHTTPServer | None = None
@@ -380,7 +409,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def ps(self, rec: Received, fault: Fault | None) -> None:
         running = []
-        for name in self.fake.loaded:
+        gpu = self.fake.gpu
+        for name in (list(gpu.resident) if gpu is not None else self.fake.loaded):
             entry = dict(self.fake.models.get(name, model_entry(name)))
             entry.update(expires_at="2318-01-01T00:00:00Z", size_vram=entry["size"],
                          context_length=4096)
@@ -464,7 +494,11 @@ class _Handler(BaseHTTPRequestHandler):
                                               fake.stats.generations_active)
             fake.cond.notify_all()
         knobs = self._knobs(body)
+        gpu = fake.gpu
         try:
+            if gpu is not None:
+                gpu.lock.acquire()
+                self.load_seconds = gpu.bring(model if ":" in model else model + ":latest")
             self._pause(knobs.first_token_delay)
             if kind in ("chat", "generate"):
                 self._ollama_generation(kind, model, body, count, fault, knobs)
@@ -484,9 +518,20 @@ class _Handler(BaseHTTPRequestHandler):
                 fake.stats.completed.append(rec.path)
                 fake.stats.finished_at.append(time.monotonic())
         finally:
+            if gpu is not None:
+                gpu.lock.release()
             with fake.cond:
                 fake.stats.generations_active -= 1
                 fake.cond.notify_all()
+
+    def _timed(self, final: dict[str, Any], started: float) -> dict[str, Any]:
+        """With a simulated GPU, the final chunk's durations are the real ones, in
+        nanoseconds as Ollama reports them: the load, and the whole request."""
+        if self.fake.gpu is None:
+            return final
+        load = self.load_seconds
+        return {**final, "load_duration": int(load * 1e9),
+                "total_duration": int((load + time.monotonic() - started) * 1e9)}
 
     def _ollama_generation(self, kind: str, model: str, body: dict[str, Any], count: int,
                            fault: Fault | None, knobs: Knobs) -> None:
@@ -497,6 +542,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return {"message": {"role": "assistant", "content": text}}
             return {"response": text}
 
+        started = time.monotonic()
         final = {
             "model": model, "created_at": CREATED_AT, **piece(""), "done": True,
             "done_reason": "stop", "total_duration": 123456789, "load_duration": 1234567,
@@ -509,7 +555,7 @@ class _Handler(BaseHTTPRequestHandler):
             for _ in words:
                 self._pause(knobs.token_delay)
             final.update(piece("".join(words)))
-            self._json(200, final)
+            self._json(200, self._timed(final, started))
             return
         self._start_stream()
         for i in range(int((body.get("options") or {}).get("fake_thinking", 0))):
@@ -540,7 +586,8 @@ class _Handler(BaseHTTPRequestHandler):
             chunk = {"model": model, "created_at": CREATED_AT, **piece(knobs.word(i)),
                      "done": False}
             self._chunk(json.dumps(chunk, separators=(",", ":")).encode() + b"\n")
-        self._chunk(json.dumps(final, separators=(",", ":")).encode() + b"\n")
+        self._chunk(json.dumps(self._timed(final, started), separators=(",", ":")).encode()
+                    + b"\n")
         self._end_stream()
 
     def _openai_generation(self, kind: str, model: str, body: dict[str, Any], count: int,
@@ -740,6 +787,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def fake_stats(self, rec: Received, fault: Fault | None) -> None:
         with self.fake.cond:
+            if self.fake.gpu is not None:
+                self.fake.stats.loads = self.fake.gpu.loads
             self._json(200, dataclasses.asdict(self.fake.stats))
 
     def v1_models(self, rec: Received, fault: Fault | None) -> None:
@@ -824,8 +873,18 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--models", nargs="+", default=["llama3:latest",
+                                                         "nomic-embed-text:latest"])
+    parser.add_argument("--gpu", type=int, default=0,
+                        help="simulate one GPU holding this many chat models (0: no)")
+    parser.add_argument("--load-seconds", type=float, default=0.5)
+    parser.add_argument("--tokens", type=int, default=5)
+    parser.add_argument("--token-delay", type=float, default=0.0)
     args = parser.parse_args()
-    fake = FakeOllama()
+    fake = FakeOllama(tokens=args.tokens, token_delay=args.token_delay,
+                      models=tuple(args.models))
+    if args.gpu:
+        fake.gpu = Gpu(capacity=args.gpu, load_seconds=args.load_seconds)
     fake.port = args.port
     fake.start()
     print(f"listening on {fake.url}", flush=True)

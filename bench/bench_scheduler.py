@@ -1,0 +1,203 @@
+"""Model swaps, makespans and estimates on one simulated GPU: foreman against the same
+work sent straight to the simulator, in one run (issue 15's workloads).
+
+The simulator is the fake Ollama with `--gpu N`: N chat models fit at once,
+bringing in another sleeps `--load` seconds and evicts the least recently
+used, generations run one at a time, and the final chunk reports the real
+`load_duration` and `total_duration`.  Each workload gets a fresh simulator
+(and a fresh foreman), so every run starts with nothing resident.
+
+- W1: two interactive clients back to back for `--seconds`, one on model A,
+  one on B.
+- W2: one interactive client on A with 1 s of think time for `--seconds`,
+  and `--jobs` chat jobs on B submitted at the start (direct: one client
+  sending them one after another).
+- W3: 2 x `--jobs` chat jobs alternating A/B, submitted at once (direct: one
+  client, the same order).
+
+Reported per workload and path: model loads (from the simulator), makespan,
+and for jobs through foreman the error of `estimated_start` readings taken at
+least 10 s before each job started (median, and how many were null); the
+"grouped" line is the ideal: one load per model, then every generation.
+
+Run: `python -m bench.bench_scheduler [--load 0.5] [--seconds 60] [--jobs 100]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import requests
+
+from bench.common import Child, start_foreman
+
+A, B = "model-a:latest", "model-b:latest"
+
+
+def simulator(load: float, tokens: int, token_delay: float) -> Child:
+    return Child(["-m", "tests.fake_ollama", "--gpu", "1", "--load-seconds", str(load),
+                  "--tokens", str(tokens), "--token-delay", str(token_delay),
+                  "--models", A, B], r"listening on (http://\S+)")
+
+
+def chat(url: str, model: str) -> None:
+    answer = requests.post(url + "/api/chat", timeout=600, json={
+        "model": model, "stream": False, "messages": [{"role": "user", "content": "hi"}]})
+    answer.raise_for_status()
+
+
+def loads(sim: Child) -> int:
+    return int(requests.get(sim.url + "/fake/stats", timeout=5).json()["loads"])
+
+
+def interactive(url: str, model: str, until: float, think: float) -> threading.Thread:
+    def run() -> None:
+        while time.monotonic() < until:
+            chat(url, model)
+            if think:
+                time.sleep(think)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+class JobWatch:
+    """Submits chat jobs to foreman, reads their estimates every half second, and
+    waits for them all to finish."""
+
+    def __init__(self, url: str, models: list[str]) -> None:
+        self.url = url
+        self.ids = [requests.post(url + "/jobs", timeout=10, json={
+            "kind": "chat", "request": {"model": model, "messages": [
+                {"role": "user", "content": "hi"}]}}).json()["id"] for model in models]
+        self.readings: dict[str, list[tuple[float, float | None]]] = {i: [] for i in self.ids}
+
+    def wait(self) -> float:
+        """Seconds until every job finished, estimates read along the way."""
+        started = time.time()
+        pending = set(self.ids)
+        while pending:
+            now = time.time()
+            for job in self._list("status=queued"):
+                if job["id"] in self.readings:
+                    stamp = job.get("estimated_start")
+                    self.readings[job["id"]].append((now, _epoch(stamp) if stamp else None))
+            pending = {j["id"] for j in self._list("")
+                       if j["id"] in pending and j["status"] not in ("succeeded", "failed")}
+            time.sleep(0.5)
+        return time.time() - started
+
+    def _list(self, query: str) -> list[dict[str, Any]]:
+        """Every job the listing has for `query`, page by page."""
+        jobs: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            page = requests.get(f"{self.url}/jobs?{query}&limit=500&brief=1{after}",
+                                timeout=10).json()
+            jobs += page["jobs"]
+            if page["next"] is None:
+                return jobs
+            after = f"&after={page['next']}"
+
+    def estimate_errors(self) -> dict[str, Any]:
+        errors, nulls = [], 0
+        for job_id, readings in self.readings.items():
+            started = _epoch(requests.get(f"{self.url}/jobs/{job_id}", timeout=10)
+                             .json()["started_at"])
+            ahead = [(at, estimate) for at, estimate in readings if started - at >= 10]
+            for at, estimate in ahead:
+                if estimate is None:
+                    nulls += 1
+                else:
+                    errors.append(abs(estimate - started) / (started - at))
+        return {"readings_10s_ahead": len(errors) + nulls, "null": nulls,
+                "median_error": round(statistics.median(errors), 3) if errors else None}
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def measure(name: str, args: argparse.Namespace,
+            work: Callable[[str, Child], dict[str, Any]]) -> dict[str, Any]:
+    results: dict[str, Any] = {"workload": name}
+    for path in ("direct", "foreman"):
+        sim = simulator(args.load, args.tokens, args.token_delay)
+        proxy = start_foreman(sim.url, extra=args.foreman_yaml) if path == "foreman" else None
+        try:
+            started = time.monotonic()
+            outcome = work(proxy.url if proxy else sim.url, sim)
+            outcome["makespan_s"] = round(time.monotonic() - started, 1)
+            outcome["loads"] = loads(sim)
+            results[path] = outcome
+        finally:
+            if proxy:
+                proxy.stop()
+            sim.stop()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--load", type=float, default=0.5, help="seconds per model load")
+    parser.add_argument("--seconds", type=float, default=60.0, help="W1 and W2 length")
+    parser.add_argument("--jobs", type=int, default=100, help="W2's jobs; W3 has twice this")
+    parser.add_argument("--tokens", type=int, default=20)
+    parser.add_argument("--token-delay", type=float, default=0.01)
+    parser.add_argument("--only", nargs="*", default=["W1", "W2", "W3"])
+    parser.add_argument("--foreman-yaml", default="", help="extra config for foreman")
+    args = parser.parse_args()
+    generation = args.tokens * args.token_delay
+
+    def w1(url: str, sim: Child) -> dict[str, Any]:
+        until = time.monotonic() + args.seconds
+        for thread in [interactive(url, A, until, 0), interactive(url, B, until, 0)]:
+            thread.join()
+        return {}
+
+    def w2(url: str, sim: Child) -> dict[str, Any]:
+        until = time.monotonic() + args.seconds
+        client = interactive(url, A, until, 1.0)
+        if url == sim.url:  # direct: the jobs are one client's requests, in turn
+            started = time.monotonic()
+            for _ in range(args.jobs):
+                chat(url, B)
+            outcome = {"jobs_done_after_s": round(time.monotonic() - started, 1)}
+        else:
+            watch = JobWatch(url, [B] * args.jobs)
+            outcome = {"jobs_done_after_s": round(watch.wait(), 1),
+                       "estimates": watch.estimate_errors()}
+        client.join()
+        return outcome
+
+    def w3(url: str, sim: Child) -> dict[str, Any]:
+        order = [A, B] * args.jobs
+        if url == sim.url:
+            for model in order:
+                chat(url, model)
+            return {}
+        watch = JobWatch(url, order)
+        watch.wait()
+        return {"estimates": watch.estimate_errors()}
+
+    workloads = {"W1": (w1, None), "W2": (w2, 2 * args.load + args.jobs * generation),
+                 "W3": (w3, 2 * args.load + 2 * args.jobs * generation)}
+    print(json.dumps({"load_s": args.load, "generation_s": generation}), flush=True)
+    for name in args.only:
+        work, grouped = workloads[name]
+        result = measure(name, args, work)
+        if grouped is not None:
+            result["grouped_ideal"] = {"loads": 2, "makespan_s": round(grouped, 1)}
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
