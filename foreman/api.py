@@ -107,6 +107,7 @@ class RequestInfo:
     route: str = "unmatched"
     model: str = ""
     waited_ms: int | None = None
+    out_of_order: str | None = None  # why the scheduler served it before earlier arrivals
 
 
 def request_info(request: Request) -> RequestInfo:
@@ -270,6 +271,7 @@ class OllamaApi:
                     ticket.wait(self._max_wait if chat else None)
         finally:
             info.waited_ms = round(ticket.waited * 1000)
+            info.out_of_order = work.out_of_order
             if chat:
                 self._metrics.observe_wait(ticket.waited)
         abort = AbortSignal(watched=generation)

@@ -138,6 +138,7 @@ class ForemanApp:
                         "ms": round((time.monotonic() - started) * 1000, 1),
                         "model": info.model or None,
                         "wait_ms": info.waited_ms,
+                        "order": info.out_of_order,
                         "id": info.request_id,
                     }},
                 )

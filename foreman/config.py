@@ -265,11 +265,18 @@ class EmbedderConfig:
     model: str = _key(_string, "")
 
 
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise _ValueProblem(f"expected a number from 0 to 1, such as 0.2, got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class ChatConfig:
     concurrency: int = _key(_positive_int, 1)
     max_queue: int = _key(_non_negative_int, 64)
     max_wait: float = _key(parse_duration, 0.0)
+    affinity_wait: float = _key(parse_duration, 20.0)
 
 
 @dataclass(frozen=True)
@@ -284,6 +291,8 @@ class JobsConfig:
     max_attempts: int = _key(_positive_int, 3)
     retention: float = _key(_at_least(1.0, "a finished job must stay long enough to be"
                                             " collected"), 7 * 86400.0)
+    min_share: float = _key(_fraction, 0.2)
+    share_after: float = _key(parse_duration, 30.0)
     webhook_secret: str = _key(_webhook_secret, "")
     webhook_hosts: tuple[str, ...] = _key(_string_list, ())
 

@@ -38,6 +38,7 @@ from .lane import Lane
 from .metrics import Metrics
 from .observe import ObserveApi, register_gauges
 from .queue_view import QueueView
+from .schedule import Residency, Scheduler
 from .server import Server
 from .store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable
 from .target import TargetClient
@@ -192,10 +193,15 @@ def build_daemon(config: Config) -> Daemon:
             log.warning("cannot save the history of %s: %s", model, exc.message)
 
     estimator = Estimator(store.model_history(), save_history)
+    scheduler = Scheduler(
+        Residency(lambda: inventory.snapshot.loaded_names),
+        affinity_wait=config.chat.affinity_wait, min_share=config.jobs.min_share,
+        share_after=config.jobs.share_after, load_time=estimator.load_time)
     # The estimator learns from chat-slot work the target answered, nothing else.
     chat_lane = Lane("chat slot", config.chat.concurrency, config.chat.max_queue,
                      on_release=lambda work, held: estimator.record(
-                         work.model, held, work.resident, work.final))
+                         work.model, held, work.resident, work.final),
+                     scheduler=scheduler)
     embed_lane = Lane("embed lane", config.embed.concurrency, config.embed.max_queue)
     metrics = Metrics()
     watcher = ClientWatcher()
@@ -224,7 +230,7 @@ def build_daemon(config: Config) -> Daemon:
         max_attempts=config.jobs.max_attempts,
         retention=config.jobs.retention,
     )
-    queue = QueueView(chat_lane, store, worker, inventory, estimator)
+    queue = QueueView(chat_lane, store, worker, estimator, scheduler)
     draining = threading.Event()
     jobs = JobsApi(store, worker, inventory, queue, notifier.notify, webhooks, budget, draining)
     def target_health() -> TargetHealth:

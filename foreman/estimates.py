@@ -90,6 +90,12 @@ class Estimator:
                 return history.generation
             return history.generation + (history.load or 0.0)
 
+    def load_time(self, model: str) -> float | None:
+        """Seconds loading `model` takes, as learned; None before its first load."""
+        with self._lock:
+            history = self._models.get(canonical_model_name(model))
+            return None if history is None else history.load
+
     def known(self) -> dict[str, dict[str, float | int | None]]:
         with self._lock:
             return {name: {"generation_seconds": h.generation, "load_seconds": h.load,

@@ -5,8 +5,10 @@ generate, interactive requests and jobs) and the embed lane (embeddings,
 requests and jobs).  Interactive requests and job workers take a ticket
 before they reach the target.  Waiters are kept in one ordered line: first by
 tier (interactive work always before jobs), then by priority, then by arrival.
-Only waiting interactive requests count against `max_queue`; jobs wait in
-the store.
+A lane with a scheduler (the chat slot) lets it pick from that line instead of
+taking the first (model affinity, a share for jobs) and hold the slot idle for
+a moment; see `schedule`.  Only waiting interactive requests count against
+`max_queue`; jobs wait in the store.
 
 A ticket is a small state machine owned by its lane and changed only under
 the lane's lock: WAITING -> GRANTED -> RELEASED, or WAITING -> CANCELLED (its
@@ -24,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import BUSY_TEXT, ApiError
+from .inventory import canonical_model_name
+from .schedule import Candidate, Scheduler
 
 INTERACTIVE, BATCH = 0, 1
 WAITING, GRANTED, RELEASED, CANCELLED = "waiting", "granted", "released", "cancelled"
@@ -64,6 +68,7 @@ class Work:
     chunks: int = 0  # stream chunks relayed so far, for the queue view
     answered: bool = False  # the target gave a complete answer: worth learning from
     final: bytes = b""  # the target's final message, whose tail has Ollama's durations
+    out_of_order: str | None = None  # why it was served before earlier arrivals, if it was
 
 
 class Ticket:
@@ -77,6 +82,7 @@ class Ticket:
         self.waited_seconds: float | None = None
         self.decided = threading.Event()  # set when the state leaves WAITING
         self.enqueued = time.monotonic()
+        self.candidate: Candidate | None = None  # as a scheduler sees it, if there is one
 
     def __lt__(self, other: Ticket) -> bool:
         return self.key < other.key
@@ -104,11 +110,15 @@ class Ticket:
 
 class Lane:
     def __init__(self, name: str, concurrency: int, max_queue: int,
-                 on_release: Callable[[Work, float], None] | None = None) -> None:
+                 on_release: Callable[[Work, float], None] | None = None,
+                 scheduler: Scheduler | None = None) -> None:
         """`concurrency` 0 means no limit.  `on_release(work, seconds_held)` hears about
-        every released ticket whose work was answered."""
+        every released ticket whose work was answered.  Without a `scheduler` the
+        first in line goes next."""
         self.name, self.concurrency, self.max_queue = name, concurrency, max_queue
         self._on_release = on_release
+        self.scheduler = scheduler
+        self._hold: threading.Timer | None = None
         self._lock = threading.Condition()
         self._line: list[Ticket] = []
         self._holders: list[Ticket] = []
@@ -125,6 +135,9 @@ class Lane:
                 interactive_waiting = sum(1 for t in self._line if t.work.tier == INTERACTIVE)
                 if interactive_waiting >= self.max_queue:
                     raise QueueFull(retry_after=max(1, len(self._line)))
+            if self.scheduler is not None:
+                ticket.candidate = _candidate(ticket)
+                self.scheduler.arrived(work.model, work.tier == INTERACTIVE)
             bisect.insort(self._line, ticket)
             self._grant_locked()
             self._lock.notify_all()
@@ -165,15 +178,44 @@ class Lane:
 
     def _grant_locked(self) -> None:
         while self._line and self._has_room_locked():
-            ticket = self._line.pop(0)
+            index, reason = 0, None
+            if self.scheduler is not None:
+                turn, hold_until = self.scheduler.pick(
+                    [t.candidate for t in self._line if t.candidate is not None])
+                if turn is None:
+                    self._hold_until(hold_until)
+                    return
+                index, reason = turn.index, turn.reason
+            ticket = self._line.pop(index)
+            ticket.work.out_of_order = reason
+            if self.scheduler is not None:
+                self.scheduler.granted(ticket.key, ticket.work.model,
+                                       ticket.work.tier == INTERACTIVE)
             ticket.state = GRANTED
             ticket.waited_seconds = time.monotonic() - ticket.enqueued
             ticket.work.started_at = time.time()
             self._holders.append(ticket)
             ticket.decided.set()
 
+    def _hold_until(self, until: float | None) -> None:
+        """Keep the slot idle until `until` (the scheduler's clock), then pick again."""
+        if self._hold is not None or until is None or self.scheduler is None:
+            return
+        delay = max(0.0, until - self.scheduler.clock())
+        self._hold = threading.Timer(delay, self._end_hold)
+        self._hold.daemon = True
+        self._hold.start()
+
+    def _end_hold(self) -> None:
+        with self._lock:
+            self._hold = None
+            self._grant_locked()
+            self._lock.notify_all()
+
     def _cancel_locked(self, ticket: Ticket, why: tuple[str, int]) -> None:
         self._line.remove(ticket)
+        if self.scheduler is not None:
+            self.scheduler.forget(ticket.key)
         ticket.state = CANCELLED
         ticket.cancelled_by = why
         ticket.waited_seconds = time.monotonic() - ticket.enqueued
@@ -204,8 +246,18 @@ class Lane:
                 return
             ticket.state = RELEASED
             self._holders.remove(ticket)
+            if self.scheduler is not None:
+                self.scheduler.released(ticket.work.model, ticket.work.tier == INTERACTIVE)
             self._grant_locked()
             self._lock.notify_all()
         work = ticket.work
         if self._on_release is not None and work.answered and work.started_at is not None:
             self._on_release(work, time.time() - work.started_at)
+
+
+def _candidate(ticket: Ticket) -> Candidate:
+    work = ticket.work
+    model = canonical_model_name(work.model) if work.model else ""
+    # Keyed by the ticket's place in line, not the ticket: a ticket holding its
+    # candidate holding the ticket would be a reference cycle.
+    return Candidate(ticket.key, work.tier, work.priority, model)

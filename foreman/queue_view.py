@@ -1,8 +1,12 @@
 """Where everyone is in line for the chat slot, and when their turn should come.
 
 The line is what the chat slot holds (interactive requests always first)
-followed by the queued chat/generate jobs in the order the workers will claim
-them.  Start times are simulated over `concurrency` places from what this box
+followed by the queued chat/generate jobs.  Its order is the scheduler's: the
+view plays the scheduler's rule (`schedule.next_turn`) forward from the models
+resident now, so work for a resident model goes first within its tier and
+priority until the first in line has been passed over for `affinity_wait`,
+and each turn that needs a model brought in is charged that model's load time.
+Start times are simulated over `concurrency` places from what this box
 measured (see estimates); a model without history makes every estimate from
 that point on unknown, and the view says why (for the turns after the first
 unknown: what they are behind).
@@ -10,14 +14,17 @@ unknown: what they are behind).
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from .estimates import Estimator
-from .inventory import Inventory
-from .lane import INTERACTIVE, Lane, Work
+from .inventory import canonical_model_name
+from .lane import BATCH, INTERACTIVE, Lane, Work
+from .schedule import Scheduler
 from .store import GENERATION_KINDS, Job, JobStore
 from .worker import JobWorker
 
@@ -35,21 +42,27 @@ class Turn:
     model: str
     ident: dict[str, str]
     since: float
-    resident: bool
+    tier: int = INTERACTIVE
+    priority: int = 0
+
+    @property
+    def name(self) -> str:
+        return canonical_model_name(self.model) if self.model else ""
 
 
 class QueueView:
-    def __init__(self, chat_lane: Lane, store: JobStore, worker: JobWorker, inventory: Inventory,
-                 estimator: Estimator) -> None:
+    def __init__(self, chat_lane: Lane, store: JobStore, worker: JobWorker,
+                 estimator: Estimator, scheduler: Scheduler) -> None:
         self._chat_lane, self._store, self._worker = chat_lane, store, worker
-        self._inventory, self._estimator = inventory, estimator
+        self._estimator, self._scheduler = estimator, scheduler
 
     def snapshot(self) -> dict[str, Any]:
         now = time.time()
         holders, line = self._chat_lane.snapshot()
         running, free_at = self._running(holders, now)
         waiting = []
-        for turn, position, start, unknown in self._schedule(self._turns(line), free_at, now):
+        turns = self._turns(line)
+        for turn, position, start, unknown in self._schedule(turns, holders, free_at, now):
             entry: dict[str, Any] = {"position": position, "kind": turn.kind,
                                      "model": turn.model, **turn.ident,
                                      "waited_seconds": round(now - turn.since, 3),
@@ -62,15 +75,15 @@ class QueueView:
 
     def place(self, job: Job) -> tuple[int, str | None]:
         """A queued chat/generate job's position and estimated start, as `snapshot`
-        would show them, from the turns ahead of it only."""
+        shows them."""
         now = time.time()
         holders, line = self._chat_lane.snapshot()
         _, free_at = self._running(holders, now)
-        own = Turn("job", job.model, {"job_id": job.id}, job.created_at,
-                   self._inventory.is_loaded(job.model))
-        turns = [*self._turns(line, ahead_of=job), own]
-        *_, (_, position, start, _) = self._schedule(turns, free_at, now)
-        return position, iso(start)
+        for turn, position, start, _ in self._schedule(self._turns(line), holders, free_at,
+                                                       now):
+            if turn.ident.get("job_id") == job.id:
+                return position, iso(start)
+        return 0, None  # claimed or gone since it was read
 
     def _running(self, holders: list[Work], now: float
                  ) -> tuple[list[dict[str, Any]], list[float | None]]:
@@ -91,28 +104,35 @@ class QueueView:
         free_at += [now] * max(0, self._chat_lane.concurrency - len(free_at))
         return running, free_at
 
-    def _turns(self, line: list[Work], ahead_of: Job | None = None) -> list[Turn]:
-        """Interactive waiters first, then queued chat/generate jobs in claim order."""
-        turns = [Turn(w.kind, w.model, {"request_id": w.label}, w.enqueued_at, w.resident)
+    def _turns(self, line: list[Work]) -> list[Turn]:
+        """Interactive waiters first, then queued chat/generate jobs by priority and
+        arrival: the line before the scheduler reorders it."""
+        turns = [Turn(w.kind, w.model, {"request_id": w.label}, w.enqueued_at)
                  for w in line if w.tier == INTERACTIVE]
-        queued = self._store.line(GENERATION_KINDS, ahead_of)
-        loaded = {model: self._inventory.is_loaded(model) for model in {q.model for q in queued}}
-        return turns + [Turn("job", q.model, {"job_id": q.id}, q.created_at, loaded[q.model])
-                        for q in queued]
+        return turns + [Turn("job", q.model, {"job_id": q.id}, q.created_at, BATCH, q.priority)
+                        for q in self._store.line(GENERATION_KINDS)]
 
-    def _schedule(self, turns: list[Turn], free_at: list[float | None], now: float
-                  ) -> Iterator[tuple[Turn, int, float | None, str | None]]:
-        """(turn, position, estimated start, why unknown) for each turn in order,
-        simulated over the slot's places; once one start is unknown, all later are."""
+    def _schedule(self, turns: list[Turn], holders: list[Work], free_at: list[float | None],
+                  now: float) -> Iterator[tuple[Turn, int, float | None, str | None]]:
+        """(turn, position, estimated start, why unknown) for each turn, in the order
+        the scheduler will give them the slot, simulated over its places; once one
+        start is unknown, all later are."""
         behind: str | None = None  # what the first unknown start is waiting on
         estimates: dict[tuple[str, bool], float | None] = {}  # thousands of turns, few models
-        for position, turn in enumerate(turns, 1):
+        residency = self._scheduler.residency
+        resident = _Resident(residency.models(), residency.capacity)
+        for work in holders:  # what runs now is resident when its place frees
+            resident.ran(canonical_model_name(work.model) if work.model else "")
+        # The order is drawn lazily: each pick sees the residency and the clock the
+        # turns before it left.
+        for position, turn in enumerate(self._order(turns, resident, free_at, now), 1):
             start, unknown = None, None
+            needs_load = not resident.ran(turn.name)
             if behind is not None:
                 # Said as what it is: not this model's history, the unknown ahead.
                 unknown = f"behind {behind}"
             else:
-                key = (turn.model, turn.resident)
+                key = (turn.model, not needs_load)
                 if key not in estimates:
                     estimates[key] = self._estimator.estimate(*key)
                 estimate = estimates[key]
@@ -126,3 +146,55 @@ class QueueView:
                     start = free_at[place] or now
                     free_at[place] = start + estimate
             yield turn, position, start, unknown
+
+    def _order(self, turns: list[Turn], resident: _Resident, free_at: list[float | None],
+               now: float) -> Iterator[Turn]:
+        """`turns` in the scheduler's order: within each run of one tier and priority,
+        the first waiter for a resident model goes first, until the first in line
+        has been passed over for `affinity_wait` (measured on the simulated clock)."""
+        wait = self._scheduler.affinity_wait
+        for _, group in itertools.groupby(turns, key=lambda t: (t.tier, t.priority)):
+            pending = list(group)
+            by_model: dict[str, deque[int]] = {}
+            for index, turn in enumerate(pending):
+                by_model.setdefault(turn.name, deque()).append(index)
+            taken = [False] * len(pending)
+            head, passed_since = 0, None
+            for _ in range(len(pending)):
+                while taken[head]:
+                    head += 1
+                clock = min((f for f in free_at if f is not None), default=None)
+                chosen = head
+                model = pending[head].name
+                if wait > 0 and model and model not in resident.models and not (
+                        passed_since is not None and clock is not None
+                        and clock - passed_since >= wait):
+                    firsts = [by_model[m][0] for m in resident.models if by_model.get(m)]
+                    if firsts:
+                        chosen = min(firsts)
+                        passed_since = clock if passed_since is None else passed_since
+                if chosen == head:
+                    passed_since = None
+                taken[chosen] = True
+                by_model[pending[chosen].name].popleft()
+                yield pending[chosen]
+
+
+class _Resident:
+    """The models resident as the simulated line runs: the last `capacity` run."""
+
+    def __init__(self, models: list[str], capacity: int) -> None:
+        self.models = deque(models[-capacity:])
+        self._capacity = capacity
+
+    def ran(self, model: str) -> bool:
+        """Run `model`; returns whether it was resident already."""
+        if not model:
+            return True
+        was = model in self.models
+        if was:
+            self.models.remove(model)
+        self.models.append(model)
+        while len(self.models) > self._capacity:
+            self.models.popleft()
+        return was

@@ -24,7 +24,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
@@ -169,6 +169,7 @@ class Queued(NamedTuple):
     id: str
     model: str
     created_at: float
+    priority: int
 
 
 # Rows claimed before the job given as (priority, priority, seq): the claim order.
@@ -389,10 +390,17 @@ class JobStore:
                           (*kinds, self._clock()))
         return _job(rows[0]) if rows else None
 
+    def queued_models(self, kinds: tuple[str, ...], priority: int) -> list[str]:
+        """The models of the ready jobs of these kinds at `priority`, as written."""
+        return [r["model"] for r in self._read(
+            f"SELECT DISTINCT model FROM jobs WHERE status = 'queued'"
+            f" AND kind IN ({_placeholders(kinds)}) AND priority = ? AND not_before <= ?",
+            (*kinds, priority, self._clock()))]
+
     def line(self, kinds: tuple[str, ...], ahead_of: Job | None = None) -> list[Queued]:
         """Queued jobs of these kinds in the order workers will claim them; with
         `ahead_of`, only those that come before that job."""
-        sql = (f"SELECT id, model, created_at FROM jobs"
+        sql = (f"SELECT id, model, created_at, priority FROM jobs"
                f" WHERE status = 'queued' AND kind IN ({_placeholders(kinds)})")
         args: tuple[Any, ...] = kinds
         if ahead_of is not None:
@@ -410,14 +418,19 @@ class JobStore:
 
     # -- the worker's side --------------------------------------------------------
 
-    def claim(self, kinds: tuple[str, ...]) -> Job | None:
-        """Atomically take the best ready job of these kinds and mark it running."""
-        marks = _placeholders(kinds)
+    def claim(self, kinds: tuple[str, ...], models: Sequence[str] = (),
+              priority: int | None = None) -> Job | None:
+        """Atomically take the best ready job of these kinds and mark it running; with
+        `models` and `priority`, the first of that priority for one of those models."""
         now = self._clock()
+        where, args = f"kind IN ({_placeholders(kinds)})", (*kinds,)
+        if models and priority is not None:
+            where += f" AND priority = ? AND model IN ({_placeholders(models)})"
+            args += (priority, *models)
         with self._write() as db:
             row = db.execute(
-                f"SELECT id FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
-                " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1", (*kinds, now),
+                f"SELECT id FROM jobs WHERE status = 'queued' AND {where}"
+                " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1", (*args, now),
             ).fetchone()
             if row is None:
                 return None

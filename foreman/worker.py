@@ -35,9 +35,10 @@ from .errors import (
     TargetUnreachable,
     describe_failure,
 )
-from .inventory import Inventory
+from .inventory import Inventory, canonical_model_name
 from .lane import BATCH, Lane, WaitCancelled, Work
 from .metrics import Metrics
+from .schedule import Candidate
 from .store import EMBED_KINDS, GENERATION_KINDS, Job, JobStore, StoreUnavailable
 from .target import AbortSignal, TargetClient
 from .watchdog import Watchdog
@@ -184,13 +185,32 @@ class JobWorker:
         except WaitCancelled:
             return  # shutting down
         try:
-            job = self._store.claim(kinds) if not self._stop.is_set() else None
+            job = self._claim(kinds, lane) if not self._stop.is_set() else None
             if job is not None:
                 work.label, work.model = job.id, job.model
                 work.resident = self._inventory.is_loaded(job.model)
                 work.answered = self._run(job, work)
         finally:
             ticket.release()
+
+    def _claim(self, kinds: tuple[str, ...], lane: Lane) -> Job | None:
+        """The next job: the first in line, or one for a resident model when the chat
+        slot's scheduler prefers it (jobs of one model then run together)."""
+        scheduler = lane.scheduler
+        head = self._store.peek(kinds) if scheduler is not None else None
+        if scheduler is None or head is None:
+            return self._store.claim(kinds)
+        candidate = Candidate(head.id, BATCH, head.priority, canonical_model_name(head.model))
+        models, reason = scheduler.preferred(
+            candidate, self._store.queued_models(kinds, head.priority))
+        job = self._store.claim(kinds, models, head.priority) if models else None
+        if job is None:
+            job = self._store.claim(kinds)
+        elif job.id != head.id:
+            log.debug("job %s claimed before job %s: %s", job.id, head.id, reason)
+        if job is not None:
+            scheduler.forget(job.id)
+        return job
 
     def _maintain(self) -> None:
         while True:

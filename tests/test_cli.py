@@ -76,7 +76,7 @@ def test_check_with_a_typo_exits_2_naming_the_key(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"foreman: config error: {config}: chat.max_queu: unknown key "
-        "(known keys here: concurrency, max_queue, max_wait)"
+        "(known keys here: concurrency, max_queue, max_wait, affinity_wait)"
     ]
 
 

@@ -33,7 +33,8 @@ def metric_samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], f
 
 
 def test_queue_shows_running_and_waiting_with_estimates_once_there_is_history(
-        foreman: Daemon, fake: FakeOllama) -> None:
+        make_foreman: Callable[..., Daemon], fake: FakeOllama) -> None:
+    foreman = make_foreman(chat={"affinity_wait": 0})  # arrival order (see test_scheduler)
     fake.loaded["llama3:latest"] = "5m"
     foreman.inventory.refresh()
     fake.token_delay = 0.01

@@ -1,8 +1,11 @@
-"""What foreman learns about models from Ollama's own account of each generation, and
-that it keeps it across a restart (issue 15)."""
+"""The scheduler (issue 15): model affinity within the line's rules and its bound, the
+jobs' share, holding the slot for a client that comes right back, what foreman
+learns from Ollama's own account of each generation, and that it keeps it across a
+restart; unit-level with a fake clock, then end to end on a simulated GPU."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -10,7 +13,10 @@ import requests
 
 from foreman.daemon import Daemon
 from foreman.estimates import Estimator, load_seconds
-from tests.fake_ollama import FakeOllama, Gpu
+from foreman.lane import BATCH, INTERACTIVE
+from foreman.schedule import Candidate, Residency, Scheduler, Turn, next_turn
+from tests.conftest import LogStream
+from tests.fake_ollama import FakeOllama, Fault, Gpu
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "stream": False}
 
@@ -79,3 +85,202 @@ def test_the_history_survives_a_restart(make_foreman: Callable[..., Daemon]) -> 
     first.shutdown(drain_timeout=2)
     again = make_foreman()
     assert requests.get(again.url + "/queue", timeout=5).json()["history"] == learned
+
+
+# -- the rule, with a fake clock ------------------------------------------------------------
+
+A, B, C = (f"registry.ollama.ai/library/{m}:latest" for m in ("a", "b", "c"))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def waiting(*spec: tuple[str, str] | tuple[str, str, int, int]) -> list[Candidate]:
+    """(key, model[, tier, priority]) in line order."""
+    return [Candidate(s[0], *(s[2:] or (INTERACTIVE, 0)), s[1]) for s in spec]  # type: ignore
+
+
+def test_affinity_picks_the_first_waiter_for_a_resident_model() -> None:
+    passed: dict[object, float] = {}
+    line = waiting(("r1", B), ("r2", C), ("r3", A), ("r4", A))
+    turn = next_turn(line, [A], passed, 0.0, affinity_wait=10)
+    assert turn.index == 2 and "a:latest is loaded" in (turn.reason or "")
+    assert passed == {"r1": 0.0, "r2": 0.0}  # the two it passed over, since now
+    assert next_turn(line, [B], {}, 0.0, 10).index == 0  # the first is resident
+    assert next_turn(line, [A], {}, 0.0, affinity_wait=0).index == 0  # 0: arrival order
+    assert next_turn(line, [A, B], {}, 0.0, 10).index == 0  # both resident: no reorder
+
+
+def test_affinity_never_crosses_tiers_or_priorities() -> None:
+    line = waiting(("job1", B, BATCH, 5), ("job2", A, BATCH, 1), ("job3", A, BATCH, 5))
+    assert next_turn(line, [A], {}, 0.0, 10).index == 2  # same priority only
+    interactive_first = waiting(("r1", B), ("job", A, BATCH, 0))
+    assert next_turn(interactive_first, [A], {}, 0.0, 10).index == 0
+
+
+def test_a_waiter_is_passed_over_for_at_most_affinity_wait() -> None:
+    passed: dict[object, float] = {}
+    line = waiting(("r1", B), ("r2", A))
+    assert next_turn(line, [A], passed, 0.0, 10).index == 1
+    assert next_turn(line, [A], passed, 9.9, 10).index == 1
+    assert next_turn(line, [A], passed, 10.0, 10).index == 0  # its bound: arrival order
+
+
+def scheduler(clock: Clock, **settings: float) -> Scheduler:
+    values = {"affinity_wait": 10.0, "min_share": 0.0, "share_after": 5.0, **settings}
+    return Scheduler(Residency(lambda: []), values["affinity_wait"], values["min_share"],
+                     values["share_after"], load_time=lambda model: 2.0, clock=clock)
+
+
+def test_jobs_get_their_share_of_turns_under_constant_interactive_work() -> None:
+    clock = Clock()
+    strict, shared = scheduler(clock), scheduler(clock, min_share=0.2)
+    line = waiting(("r1", A), ("job", A, BATCH, 0))
+    for policy in (strict, shared):
+        for turn in range(10):
+            policy.granted(f"r{turn}", A, interactive=True)
+    assert shared.pick(line)[0] == Turn(0)  # the job has not waited share_after yet
+    clock.now += 5
+    assert strict.pick(line)[0] == Turn(0)  # min_share 0: interactive always first
+    turn, _ = shared.pick(line)
+    assert turn is not None and turn.index == 1 and "min_share" in (turn.reason or "")
+    shared.granted("job", A, interactive=False)
+    shared.granted("r10", A, interactive=True)
+    assert shared.pick(line)[0] == Turn(0)  # 1 job in the last 12 turns: still short...
+    clock.now += 5
+    assert shared.pick(line)[0].index == 1  # ...and it waited again: its share
+
+
+def test_the_slot_is_held_briefly_for_a_client_that_comes_right_back() -> None:
+    """W1: two back-to-back clients on two models.  When A's request ends, B waits
+    and would need a swap; A's client is back within milliseconds."""
+    clock = Clock()
+    policy = scheduler(clock)
+    for _ in range(2):  # learn A's client's think time: 10 ms
+        policy.granted("a", A, interactive=True)
+        policy.released(A, interactive=True)
+        clock.now += 0.01
+        policy.arrived(A, interactive=True)
+    policy.granted("a", A, interactive=True)
+    policy.released(A, interactive=True)
+    turn, until = policy.pick(waiting(("b", B)))
+    assert turn is None and until == pytest.approx(clock.now + 0.025)  # 2 x 10 ms + 5 ms
+    clock.now += 0.01
+    policy.arrived(A, interactive=True)
+    turn, _ = policy.pick(waiting(("b", B), ("a2", A)))
+    assert turn is not None and turn.index == 1  # A's client came back: no swap
+    policy.granted("a2", A, interactive=True)
+    policy.released(A, interactive=True)
+    clock.now += 1.0  # this time it does not come back
+    turn, _ = policy.pick(waiting(("b", B)))
+    assert turn == Turn(0)  # the window passed: B's turn, and its swap
+
+
+def test_residency_learns_how_many_models_ollama_keeps() -> None:
+    reported: list[str] = []
+    residency = Residency(lambda: reported)
+    residency.ran("a")
+    residency.ran("b")
+    assert residency.models() == [B] and residency.capacity == 1
+    reported[:] = ["a:latest", "b"]  # /api/ps shows both loaded together
+    residency.ran("a")
+    assert residency.capacity == 2 and residency.models() == [B, A]
+
+
+# -- end to end, on a simulated GPU ------------------------------------------------------------
+
+def two_models(fake: FakeOllama, daemon: Daemon, load: float) -> None:
+    fake.add_model("a:latest")
+    fake.add_model("b:latest")
+    fake.gpu = Gpu(capacity=1, load_seconds=load)
+    daemon.inventory.refresh()
+
+
+def test_jobs_for_one_model_run_together_and_the_queue_says_so_beforehand(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama) -> None:
+    """W3 in small: before, 12 jobs alternating a/b cost 12 loads (every one a swap)."""
+    daemon = make_foreman()
+    two_models(fake, daemon, load=0.05)
+    # The first job keeps the slot busy while the others are submitted and planned.
+    first = requests.post(daemon.url + "/jobs", timeout=5, json={"kind": "chat", "request": {
+        **CHAT, "model": "a", "options": {"fake_first_token_delay": 2}}}).json()["id"]
+    assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 1)
+    ids = [requests.post(daemon.url + "/jobs", timeout=5, json={
+        "kind": "chat", "request": {**CHAT, "model": model}}).json()["id"]
+        for model in ["b", "a"] * 6]
+    planned = [w["job_id"] for w in requests.get(daemon.url + "/queue", timeout=5)
+               .json()["waiting"]]
+    assert fake.stats.generations_active == 1  # still the first job: planned beforehand
+    done = [requests.get(f"{daemon.url}/jobs/{job}?wait=30", timeout=40).json()
+            for job in [first, *ids]]
+    assert all(job["status"] in ("succeeded", "failed") for job in done)
+    ran = [job["id"] for job in sorted(done[1:], key=lambda job: job["started_at"])]
+    assert ran == planned  # the queue view told the order the scheduler used
+    models = [next(j["model"] for j in done if j["id"] == job) for job in ran]
+    assert models == ["a"] * 6 + ["b"] * 6
+    assert fake.gpu is not None and fake.gpu.loads == 2  # a, then b: once each
+
+
+def test_a_request_served_out_of_arrival_order_says_why_in_the_access_log(
+        make_foreman: Callable[..., Daemon], fake: FakeOllama, log_text: LogStream) -> None:
+    daemon = make_foreman()
+    two_models(fake, daemon, load=0.05)
+    assert requests.post(daemon.url + "/api/chat", json={**CHAT, "model": "a"},
+                         timeout=10).status_code == 200
+    fake.fault("/api/chat", Fault("hang", seconds=20))
+    holder = threading.Thread(target=lambda: requests.post(
+        daemon.url + "/api/chat", json={**CHAT, "model": "a"}, timeout=30))
+    holder.start()
+    assert fake.wait_for(lambda: len(fake.requests_to("/api/chat")) == 2)
+    answers: list[requests.Response] = []
+
+    def ask(model: str) -> threading.Thread:
+        thread = threading.Thread(target=lambda: answers.append(requests.post(
+            daemon.url + "/api/chat", json={**CHAT, "model": model}, timeout=30)))
+        thread.start()
+        return thread
+
+    waiters = [ask("b")]
+    assert daemon.chat_lane.wait_for(lambda lane: lane.waiting == 1, 5)
+    waiters.append(ask("a"))
+    assert daemon.chat_lane.wait_for(lambda lane: lane.waiting == 2, 5)
+    fake.release.set()
+    for thread in (holder, *waiters):
+        thread.join(30)
+    assert [a.json()["model"] for a in answers] == ["a", "b"]  # a first: it was loaded
+    assert log_text.wait_for("order=affinity: registry.ollama.ai/library/a:latest is loaded")
+
+
+def test_jobs_progress_under_constant_interactive_load(make_foreman: Callable[..., Daemon],
+                                                      fake: FakeOllama) -> None:
+    """Before: with clients always waiting, a queued job never ran (0 of 100 in 60 s)."""
+    daemon = make_foreman(jobs={"min_share": 0.2, "share_after": "300ms"})
+    fake.token_delay = 0.01
+    finished = threading.Event()
+    served: list[int] = []
+
+    def client() -> None:
+        while not finished.is_set():
+            requests.post(daemon.url + "/api/chat", json={**CHAT, "model": "llama3"},
+                          timeout=10)
+            served.append(1)
+
+    clients = [threading.Thread(target=client) for _ in range(3)]
+    for thread in clients:
+        thread.start()
+    try:
+        assert daemon.chat_lane.wait_for(lambda lane: lane.waiting >= 2, 5)  # busy
+        job = requests.post(daemon.url + "/jobs", timeout=5, json={
+            "kind": "chat", "request": {**CHAT, "model": "llama3"}}).json()
+        done = requests.get(f"{daemon.url}/jobs/{job['id']}?wait=20", timeout=30).json()
+        assert daemon.chat_lane.waiting >= 1  # the clients were still waiting meanwhile
+    finally:
+        finished.set()
+        for thread in clients:
+            thread.join(10)
+    assert done["status"] == "succeeded"
