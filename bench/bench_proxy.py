@@ -1,6 +1,7 @@
 """foreman's proxy path against a direct call to the same fake Ollama, in one run.
 
-Measures: added latency of a non-streaming chat; added delay per streamed chunk
+Measures: added latency of a non-streaming chat; streamed chats on a kept
+connection against a new one each; added delay per streamed chunk
 (each chunk carries its send time) and whether every chunk arrives as its own
 HTTP chunk; chunks per second through one stream; embedding throughput with
 16 concurrent clients; RSS with 200 clients waiting for the chat slot; and how
@@ -10,6 +11,7 @@ fast a departed client is noticed.  Run: `python -m bench.bench_proxy [--quick]`
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import socket
 import threading
@@ -190,6 +192,32 @@ def disconnect_latency(fake: Child, via: str, rounds: int) -> dict[str, Any]:
             "upstream_cut_during_stream_ms": summary(streaming)}
 
 
+def streamed_chat_connections(url: str, n: int) -> dict[str, Any]:
+    """Streamed one-token chats back to back through foreman: on one kept connection,
+    against a new connection for each (what every client paid while waitress closed
+    the connection after each stream); interleaved, so drift hits both alike."""
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"model": "llama3", "messages": [], "options": {"num_predict": 1}})
+    kept = http.client.HTTPConnection(host, int(port), timeout=30)
+    times: dict[str, list[float]] = {"kept_ms": [], "new_connection_ms": []}
+    for i in range(n + 20):
+        for name in ("kept_ms", "new_connection_ms") if i % 2 else ("new_connection_ms",
+                                                                      "kept_ms"):
+            conn = kept if name == "kept_ms" else http.client.HTTPConnection(host, int(port),
+                                                                             timeout=30)
+            started = time.perf_counter()
+            conn.request("POST", "/api/chat", body, {"Content-Type": "application/json"})
+            conn.getresponse().read()
+            if i >= 20:  # warm-up
+                times[name].append((time.perf_counter() - started) * 1000)
+            if conn is not kept:
+                conn.close()
+    kept.close()
+    result: dict[str, Any] = {name: summary(values) for name, values in times.items()}
+    result["ratio_p50"] = result["kept_ms"]["p50"] / result["new_connection_ms"]["p50"]
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke run")
@@ -203,6 +231,7 @@ def main() -> None:
     try:
         results["nonstream_latency"] = nonstream_latency(fake.url, foreman.url, n)
         results["chunk_delay"] = chunk_delay(fake.url, foreman.url, tokens)
+        results["streamed_chat_connections"] = streamed_chat_connections(foreman.url, n)
         direct_rate, via_rate = stream_rate(fake.url, big), stream_rate(foreman.url, big)
         results["stream_rate"] = {"direct_chunks_s": direct_rate, "foreman_chunks_s": via_rate,
                                   "ratio": via_rate / direct_rate, "chunks": big}

@@ -62,16 +62,19 @@ class QueueView:
         running, free_at = self._running(holders, now)
         waiting = []
         turns = self._turns(line)
-        for turn, position, start, unknown in self._schedule(turns, holders, free_at, now):
+        for turn, position, start, unknown, loads in self._schedule(turns, holders, free_at,
+                                                                    now):
             entry: dict[str, Any] = {"position": position, "kind": turn.kind,
                                      "model": turn.model, **turn.ident,
                                      "waited_seconds": round(now - turn.since, 3),
-                                     "estimated_start": iso(start)}
+                                     "estimated_start": iso(start), "loads_model": loads}
             if unknown is not None:
                 entry["estimate"] = f"unknown: {unknown}"
             waiting.append(entry)
+        residency = self._scheduler.residency
         return {"concurrency": self._chat_lane.concurrency, "running": running,
-                "waiting": waiting, "history": self._estimator.known()}
+                "waiting": waiting, "resident": residency.models(),
+                "resident_capacity": residency.capacity, "history": self._estimator.known()}
 
     def place(self, job: Job) -> tuple[int, str | None]:
         """A queued chat/generate job's position and estimated start, as `snapshot`
@@ -79,8 +82,8 @@ class QueueView:
         now = time.time()
         holders, line = self._chat_lane.snapshot()
         _, free_at = self._running(holders, now)
-        for turn, position, start, _ in self._schedule(self._turns(line), holders, free_at,
-                                                       now):
+        for turn, position, start, *_ in self._schedule(self._turns(line), holders, free_at,
+                                                        now):
             if turn.ident.get("job_id") == job.id:
                 return position, iso(start)
         return 0, None  # claimed or gone since it was read
@@ -113,10 +116,10 @@ class QueueView:
                         for q in self._store.line(GENERATION_KINDS)]
 
     def _schedule(self, turns: list[Turn], holders: list[Work], free_at: list[float | None],
-                  now: float) -> Iterator[tuple[Turn, int, float | None, str | None]]:
-        """(turn, position, estimated start, why unknown) for each turn, in the order
-        the scheduler will give them the slot, simulated over its places; once one
-        start is unknown, all later are."""
+                  now: float) -> Iterator[tuple[Turn, int, float | None, str | None, bool]]:
+        """(turn, position, estimated start, why unknown, whether it loads its model)
+        for each turn, in the order the scheduler will give them the slot, simulated
+        over its places; once one start is unknown, all later are."""
         behind: str | None = None  # what the first unknown start is waiting on
         estimates: dict[tuple[str, bool], float | None] = {}  # thousands of turns, few models
         residency = self._scheduler.residency
@@ -145,7 +148,7 @@ class QueueView:
                     place = min(range(len(free_at)), key=lambda i: free_at[i] or 0.0)
                     start = free_at[place] or now
                     free_at[place] = start + estimate
-            yield turn, position, start, unknown
+            yield turn, position, start, unknown, needs_load
 
     def _order(self, turns: list[Turn], resident: _Resident, free_at: list[float | None],
                now: float) -> Iterator[Turn]:

@@ -1,7 +1,8 @@
 """The waitress server foreman runs under, with the graceful stop waitress lacks.
 
 waitress is tuned here for a proxy of long streams: lookahead so a departed
-client is noticed, no `Server` header (Ollama sends none), poll() instead of
+client is noticed, a stream's connection kept for the client's next request
+(waitress closes it), no `Server` header (Ollama sends none), poll() instead of
 select() and a connection limit set by the descriptor limit, and a pool sized
 by the config whose idle threads are woken newest first.  The door is kept
 here too: a deadline for a request's headers, a cap on connections from one
@@ -13,7 +14,8 @@ so in-flight responses carry on; `close` then ends everything.
 Every reach into waitress's internals lives in this module and was read from
 waitress 3.0.2: the dispatcher's `queue_cv` and `lock`, the channel's
 `parser_class`, `received`, `readable`, `del_channel`, `write_soon`,
-`will_close` and `close_when_flushed`, the parser's `received`,
+`will_close` and `close_when_flushed`, the task's `build_response_header`,
+`set_close_on_finish`, `chunked_response` and `version`, the parser's `received`,
 `headers_finished`, `completed`, `error`, `expect_continue`, `chunked` and
 `adj`, and the server's `trigger` and `_map`.  tests/test_server.py fails
 loudly if an upgrade moves them.
@@ -33,7 +35,7 @@ from typing import Any
 from waitress import create_server, wasyncore
 from waitress.channel import HTTPChannel
 from waitress.parser import HTTPRequestParser
-from waitress.task import ErrorTask, ThreadedTaskDispatcher
+from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 from waitress.utilities import Error
 
 from .dialects import dialect_of
@@ -184,6 +186,28 @@ class _Parser(HTTPRequestParser):
         return consumed
 
 
+class _KeepAliveTask(WSGITask):
+    """waitress closes the connection after every answer it sends chunked (every
+    stream); Go's net/http, and so Ollama, keeps it open when the client asked to.
+    A chunked answer ends with its last chunk, so nothing is lost by keeping the
+    connection, and a client streaming chat after chat saves a connection each."""
+
+    _building = False
+
+    def build_response_header(self) -> bytes:
+        self._building = True
+        try:
+            return super().build_response_header()  # type: ignore[no-any-return]
+        finally:
+            self._building = False
+
+    def set_close_on_finish(self) -> None:
+        if (self._building and self.chunked_response and self.version == "1.1"
+                and self.request.headers.get("CONNECTION", "").lower() != "close"):
+            return  # only waitress's rule for chunked answers asked to close
+        super().set_close_on_finish()
+
+
 class _Channel(HTTPChannel):
     """A connection that counts against its address's cap and must finish sending
     each request's headers within the header timeout.
@@ -194,6 +218,7 @@ class _Channel(HTTPChannel):
     unread input resets it, and a reset can destroy the answer in transit.
     """
 
+    task_class = _KeepAliveTask
     error_task_class = _JsonErrorTask
     door: _Door  # bound per server
     _linger = False  # close lingering once the answer is out

@@ -243,6 +243,7 @@ def test_the_status_page_shows_details_and_cancels_jobs(make_foreman: Callable[.
         assert date in old_row
         assert page.inner_text("#chat") == \
             "Chat slot: 0 running, 1 waiting (requests and jobs)."
+        assert page.inner_text("#grouping").startswith("Loaded for the scheduler: ")
         page.click(f"#jobs button:has-text('{done}')")
         page.wait_for_selector("#detail:not([hidden])")
         assert '"input": "look at me"' in page.inner_text("#detail-body")

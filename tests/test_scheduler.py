@@ -213,9 +213,12 @@ def test_jobs_for_one_model_run_together_and_the_queue_says_so_beforehand(
     ids = [requests.post(daemon.url + "/jobs", timeout=5, json={
         "kind": "chat", "request": {**CHAT, "model": model}}).json()["id"]
         for model in ["b", "a"] * 6]
-    planned = [w["job_id"] for w in requests.get(daemon.url + "/queue", timeout=5)
-               .json()["waiting"]]
+    view = requests.get(daemon.url + "/queue", timeout=5).json()
+    planned = [w["job_id"] for w in view["waiting"]]
     assert fake.stats.generations_active == 1  # still the first job: planned beforehand
+    # One load in the plan: b's, after a's six (a runs now, so it stays loaded).
+    assert [w["loads_model"] for w in view["waiting"]] == [False] * 6 + [True] + [False] * 5
+    assert [w["estimated_start"] is None for w in view["waiting"]] == [True] * 12  # no history
     done = [requests.get(f"{daemon.url}/jobs/{job}?wait=30", timeout=40).json()
             for job in [first, *ids]]
     assert all(job["status"] in ("succeeded", "failed") for job in done)

@@ -35,7 +35,7 @@ def test_the_waitress_internals_foreman_reaches_are_where_it_reads_them() -> Non
     from waitress.channel import HTTPChannel
     from waitress.parser import HTTPRequestParser
     from waitress.server import BaseWSGIServer
-    from waitress.task import ErrorTask, ThreadedTaskDispatcher
+    from waitress.task import ErrorTask, ThreadedTaskDispatcher, WSGITask
 
     dispatcher = ThreadedTaskDispatcher()
     assert hasattr(dispatcher, "queue_cv") and hasattr(dispatcher, "lock")
@@ -49,5 +49,9 @@ def test_the_waitress_internals_foreman_reaches_are_where_it_reads_them() -> Non
     assert "adj.max_request_body_size" in inspect.getsource(HTTPRequestParser.received)
     assert "error_task_class" in inspect.getsource(HTTPChannel.service)
     assert "to_response" in inspect.getsource(ErrorTask.execute)
+    building = inspect.getsource(WSGITask.build_response_header)
+    assert "self.chunked_response = True" in building and "set_close_on_finish()" in building
+    assert hasattr(WSGITask, "set_close_on_finish")
+    assert "self.version = " in inspect.getsource(WSGITask.__mro__[1])
     assert "channel_class(self, conn, addr, self.adj" in inspect.getsource(
         BaseWSGIServer.handle_accept)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 from collections.abc import Callable
 
@@ -193,3 +194,25 @@ def test_a_waiting_request_sends_its_spooled_body_unchanged(
     holder.close()
     assert answer.status_code == 200
     assert [r.body for r in fake.requests_to("/api/chat")][-1] == body
+
+
+def test_a_stream_keeps_its_connection_for_the_next_request(foreman: Daemon) -> None:
+    """Before, waitress closed the connection after every streamed answer (issue 15),
+    so each streaming chat paid for a new TCP connection."""
+    host, port = foreman.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    body = json.dumps({"model": "llama3", "messages": []})
+    sockets = []
+    for _ in range(3):
+        conn.request("POST", "/api/chat", body, {"Content-Type": "application/json"})
+        answer = conn.getresponse()
+        assert answer.getheader("Transfer-Encoding") == "chunked"
+        assert answer.getheader("Connection") is None
+        assert json.loads(answer.read().splitlines()[-1])["done"] is True
+        sockets.append(conn.sock)
+    assert sockets[0] is not None and sockets.count(sockets[0]) == 3  # one connection
+    conn.request("POST", "/api/chat", body, {"Connection": "close"})
+    answer = conn.getresponse()
+    answer.read()
+    assert answer.getheader("Connection") == "close"  # asked to close: closed
+    conn.close()
