@@ -26,6 +26,7 @@ Run: `python -m bench.bench_scheduler [--load 0.5] [--seconds 60] [--jobs 100]`.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import threading
@@ -53,8 +54,15 @@ def chat(url: str, model: str) -> None:
     answer.raise_for_status()
 
 
-def loads(sim: Child) -> int:
-    return int(requests.get(sim.url + "/fake/stats", timeout=5).json()["loads"])
+def gpu_stats(sim: Child) -> dict[str, Any]:
+    """Loads, and the gap from one generation's end to the next one's arrival (the
+    hand-off), from the simulator's own records."""
+    stats = requests.get(sim.url + "/fake/stats", timeout=5).json()
+    gaps = sorted((start - end) * 1000 for start, end in
+                  zip(stats["started_at"][1:], stats["finished_at"], strict=False)
+                  if start >= end)
+    return {"loads": stats["loads"],
+            "handoff_ms_p50": round(statistics.median(gaps), 2) if gaps else None}
 
 
 def interactive(url: str, model: str, until: float, think: float) -> threading.Thread:
@@ -108,8 +116,10 @@ class JobWatch:
             after = f"&after={page['next']}"
 
     def estimate_errors(self) -> dict[str, Any]:
-        errors, nulls = [], 0
+        errors, nulls, jumps = [], 0, []
         for job_id, readings in self.readings.items():
+            known = [estimate for _, estimate in readings if estimate is not None]
+            jumps += [abs(b - a) for a, b in itertools.pairwise(known)]
             started = _epoch(requests.get(f"{self.url}/jobs/{job_id}", timeout=10)
                              .json()["started_at"])
             ahead = [(at, estimate) for at, estimate in readings if started - at >= 10]
@@ -119,7 +129,8 @@ class JobWatch:
                 else:
                     errors.append(abs(estimate - started) / (started - at))
         return {"readings_10s_ahead": len(errors) + nulls, "null": nulls,
-                "median_error": round(statistics.median(errors), 3) if errors else None}
+                "median_error": round(statistics.median(errors), 3) if errors else None,
+                "largest_jump_between_reads_s": round(max(jumps), 2) if jumps else None}
 
 
 def _epoch(stamp: str) -> float:
@@ -136,7 +147,7 @@ def measure(name: str, args: argparse.Namespace,
             started = time.monotonic()
             outcome = work(proxy.url if proxy else sim.url, sim)
             outcome["makespan_s"] = round(time.monotonic() - started, 1)
-            outcome["loads"] = loads(sim)
+            outcome.update(gpu_stats(sim))
             results[path] = outcome
         finally:
             if proxy:

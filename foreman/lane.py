@@ -247,7 +247,9 @@ class Lane:
             ticket.state = RELEASED
             self._holders.remove(ticket)
             if self.scheduler is not None:
-                self.scheduler.released(ticket.work.model, ticket.work.tier == INTERACTIVE)
+                work = ticket.work
+                held = time.time() - work.started_at if work.started_at is not None else 0.0
+                self.scheduler.released(work.model, work.tier == INTERACTIVE, held)
             self._grant_locked()
             self._lock.notify_all()
         work = ticket.work

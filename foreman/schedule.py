@@ -35,6 +35,10 @@ INTERACTIVE = 0
 ANTICIPATE_AT_MOST = 0.25
 _THINK_SMOOTHING = 0.3
 _SHARE_WINDOW = 20  # turns over which the jobs' share is counted
+# Seconds over which the slot's time taken by interactive work is measured, for
+# the jobs' estimates; the share counted is capped so estimates stay finite.
+INTERRUPT_WINDOW = 60.0
+_INTERRUPT_SHARE_AT_MOST = 0.9
 
 
 @dataclass(frozen=True)
@@ -138,6 +142,12 @@ class Scheduler:
         self._held_for: float | None = None  # the release a hold was made for
         self._hold_until = 0.0
         self._turns: deque[bool] = deque(maxlen=_SHARE_WINDOW)  # went to a job?
+        # (when, seconds) of slot time interactive work took: its own turns, and the
+        # reload of a job's model right after one (the swap it caused).
+        self._interrupts: deque[tuple[float, float]] = deque()
+        self._interrupts_lock = threading.Lock()  # the queue view reads them unlocked
+        self._started = clock()
+        self._after_interactive = ""  # the model of the interactive work that just ended
 
     @property
     def clock(self) -> Callable[[], float]:
@@ -160,12 +170,33 @@ class Scheduler:
         if interactive:  # a job worker's model is known only once it has claimed
             self.residency.ran(model)
 
-    def released(self, model: str, interactive: bool) -> None:
-        """Work ended (before the slot is granted again): its model is resident now."""
+    def released(self, model: str, interactive: bool, held: float = 0.0) -> None:
+        """Work ended (before the slot is granted again) after holding the slot `held`
+        seconds: its model is resident now."""
         self.residency.ran(model)  # a job worker may have claimed another model
-        self._last_model = canonical_model_name(model) if model else ""
+        name = canonical_model_name(model) if model else ""
+        now = self._clock()
+        cost = held if interactive else (
+            self._load_time(name) or 0.0
+            if self._after_interactive and name and name != self._after_interactive else 0.0)
+        if cost:
+            with self._interrupts_lock:
+                self._interrupts.append((now, cost))
+        self._after_interactive = name if interactive else ""
+        self._last_model = name
         if model and interactive:
-            self._released[self._last_model] = self._clock()
+            self._released[name] = now
+
+    def interactive_share(self) -> float:
+        """The share of the slot's recent time that interactive work took (with the
+        swaps back it caused): jobs get the rest, which their estimates allow for."""
+        now = self._clock()
+        with self._interrupts_lock:
+            while self._interrupts and self._interrupts[0][0] < now - INTERRUPT_WINDOW:
+                self._interrupts.popleft()
+            taken = sum(seconds for _, seconds in self._interrupts)
+        span = min(INTERRUPT_WINDOW, max(now - self._started, 1.0))
+        return min(_INTERRUPT_SHARE_AT_MOST, taken / span)
 
     def preferred(self, head: Candidate, models: Sequence[str]) -> tuple[list[str], str | None]:
         """Which of `models` (queued jobs' models, as written) a job worker should
