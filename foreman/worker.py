@@ -185,7 +185,7 @@ class JobWorker:
         except WaitCancelled:
             return  # shutting down
         try:
-            job = self._claim(kinds, lane) if not self._stop.is_set() else None
+            job = self._claim(kinds, lane, head) if not self._stop.is_set() else None
             if job is not None:
                 work.label, work.model = job.id, job.model
                 work.resident = self._inventory.is_loaded(job.model)
@@ -193,16 +193,19 @@ class JobWorker:
         finally:
             ticket.release()
 
-    def _claim(self, kinds: tuple[str, ...], lane: Lane) -> Job | None:
-        """The next job: the first in line, or one for a resident model when the chat
-        slot's scheduler prefers it (jobs of one model then run together)."""
+    def _claim(self, kinds: tuple[str, ...], lane: Lane, head: Job) -> Job | None:
+        """The next job: the first in line (`head`, as peeked before the turn came), or
+        one for a resident model when the chat slot's scheduler prefers it (jobs of
+        one model then run together)."""
         scheduler = lane.scheduler
-        head = self._store.peek(kinds) if scheduler is not None else None
-        if scheduler is None or head is None:
-            return self._store.claim(kinds)
-        candidate = Candidate(head.id, BATCH, head.priority, canonical_model_name(head.model))
+        model = canonical_model_name(head.model)
+        if scheduler is None or model in scheduler.residency.models():
+            return self._store.claim(kinds)  # the usual case inside a group: no reorder
+        head = self._store.peek(kinds) or head  # priorities may have changed meanwhile
+        model = canonical_model_name(head.model)
         models, reason = scheduler.preferred(
-            candidate, self._store.queued_models(kinds, head.priority))
+            Candidate(head.id, BATCH, head.priority, model),
+            self._store.queued_models(kinds, head.priority))
         job = self._store.claim(kinds, models, head.priority) if models else None
         if job is None:
             job = self._store.claim(kinds)
