@@ -65,10 +65,14 @@ def gpu_stats(sim: Child) -> dict[str, Any]:
             "handoff_ms_p50": round(statistics.median(gaps), 2) if gaps else None}
 
 
-def interactive(url: str, model: str, until: float, think: float) -> threading.Thread:
+def interactive(url: str, model: str, until: float, think: float,
+                latencies: list[float] | None = None) -> threading.Thread:
     def run() -> None:
         while time.monotonic() < until:
+            started = time.monotonic()
             chat(url, model)
+            if latencies is not None:
+                latencies.append(time.monotonic() - started)
             if think:
                 time.sleep(think)
 
@@ -170,9 +174,12 @@ def main() -> None:
 
     def w1(url: str, sim: Child) -> dict[str, Any]:
         until = time.monotonic() + args.seconds
-        for thread in [interactive(url, A, until, 0), interactive(url, B, until, 0)]:
+        latencies: list[float] = []
+        for thread in [interactive(url, A, until, 0, latencies),
+                       interactive(url, B, until, 0, latencies)]:
             thread.join()
-        return {}
+        return {"requests": len(latencies), "latency_s_max": round(max(latencies), 2),
+                "latency_s_p50": round(statistics.median(latencies), 2)}
 
     def w2(url: str, sim: Child) -> dict[str, Any]:
         until = time.monotonic() + args.seconds

@@ -38,7 +38,7 @@ _SHARE_WINDOW = 20  # turns over which the jobs' share is counted
 # Seconds over which the slot's time taken by interactive work is measured, for
 # the jobs' estimates; the share counted is capped so estimates stay finite.
 INTERRUPT_WINDOW = 60.0
-_INTERRUPT_SHARE_AT_MOST = 0.9
+_INTERRUPT_SHARE_AT_MOST = 0.99
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,6 @@ class Scheduler:
         # reload of a job's model right after one (the swap it caused).
         self._interrupts: deque[tuple[float, float]] = deque()
         self._interrupts_lock = threading.Lock()  # the queue view reads them unlocked
-        self._started = clock()
         self._after_interactive = ""  # the model of the interactive work that just ended
 
     @property
@@ -195,8 +194,9 @@ class Scheduler:
             while self._interrupts and self._interrupts[0][0] < now - INTERRUPT_WINDOW:
                 self._interrupts.popleft()
             taken = sum(seconds for _, seconds in self._interrupts)
-        span = min(INTERRUPT_WINDOW, max(now - self._started, 1.0))
-        return min(_INTERRUPT_SHARE_AT_MOST, taken / span)
+        # Over the whole window even just after start: a share that ramps up, rather
+        # than one first sample over a second of history, keeps estimates from jumping.
+        return min(_INTERRUPT_SHARE_AT_MOST, taken / INTERRUPT_WINDOW)
 
     def preferred(self, head: Candidate, models: Sequence[str]) -> tuple[list[str], str | None]:
         """Which of `models` (queued jobs' models, as written) a job worker should

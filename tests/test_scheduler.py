@@ -188,7 +188,7 @@ def test_interactive_work_and_the_swaps_back_it_causes_are_measured_for_job_esti
     clock = Clock()
     policy = Scheduler(Residency(lambda: []), 10.0, 0.0, 5.0,
                        load_time=lambda model: 0.5, clock=clock)
-    for _ in range(30):
+    for _ in range(40):  # over a minute of it
         clock.now += 1.0
         policy.released("b", interactive=False, held=0.2)
         clock.now += 0.5
