@@ -6,8 +6,9 @@ view plays the scheduler's rule (`schedule.next_turn`) forward from the models
 resident now, so work for a resident model goes first within its tier and
 priority until the first in line has been passed over for `affinity_wait`,
 and each turn that needs a model brought in is charged that model's load time.
-Jobs are charged for the interactive work that will come between them: their
-time is stretched by the share of the slot interactive work recently took.
+Jobs are charged for the interactive work that will come between them: each
+job's turn adds the slot time interactive work (and the reloads it caused) took
+per job turn over the last minute.
 Start times are simulated over `concurrency` places from what this box
 measured (see estimates); a model without history makes every estimate from
 that point on unknown, and the view says why (for the turns after the first
@@ -126,8 +127,8 @@ class QueueView:
         estimates: dict[tuple[str, bool], float | None] = {}  # thousands of turns, few models
         residency = self._scheduler.residency
         resident = _Resident(residency.models(), residency.capacity)
-        # Jobs get the slot's time that interactive work leaves them.
-        stretch = 1 / (1 - self._scheduler.interactive_share())
+        # Each job also waits for the interactive work that comes between jobs.
+        between_jobs = self._scheduler.interruption_per_job()
         for work in holders:  # what runs now is resident when its place frees
             resident.ran(canonical_model_name(work.model) if work.model else "")
         # The order is drawn lazily: each pick sees the residency and the clock the
@@ -151,8 +152,8 @@ class QueueView:
                 else:
                     place = min(range(len(free_at)), key=lambda i: free_at[i] or 0.0)
                     start = free_at[place] or now
-                    free_at[place] = start + estimate * (stretch if turn.tier == BATCH
-                                                         else 1.0)
+                    free_at[place] = start + estimate + (between_jobs if turn.tier == BATCH
+                                                         else 0.0)
             yield turn, position, start, unknown, needs_load
 
     def _order(self, turns: list[Turn], resident: _Resident, free_at: list[float | None],

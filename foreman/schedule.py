@@ -36,9 +36,8 @@ ANTICIPATE_AT_MOST = 0.25
 _THINK_SMOOTHING = 0.3
 _SHARE_WINDOW = 20  # turns over which the jobs' share is counted
 # Seconds over which the slot's time taken by interactive work is measured, for
-# the jobs' estimates; the share counted is capped so estimates stay finite.
+# the jobs' estimates.
 INTERRUPT_WINDOW = 60.0
-_INTERRUPT_SHARE_AT_MOST = 0.99
 
 
 @dataclass(frozen=True)
@@ -145,6 +144,7 @@ class Scheduler:
         # (when, seconds) of slot time interactive work took: its own turns, and the
         # reload of a job's model right after one (the swap it caused).
         self._interrupts: deque[tuple[float, float]] = deque()
+        self._job_turns: deque[float] = deque()  # when each job's turn ended
         self._interrupts_lock = threading.Lock()  # the queue view reads them unlocked
         self._after_interactive = ""  # the model of the interactive work that just ended
 
@@ -178,25 +178,29 @@ class Scheduler:
         cost = held if interactive else (
             self._load_time(name) or 0.0
             if self._after_interactive and name and name != self._after_interactive else 0.0)
-        if cost:
-            with self._interrupts_lock:
+        with self._interrupts_lock:
+            if cost:
                 self._interrupts.append((now, cost))
+            if not interactive:
+                self._job_turns.append(now)
         self._after_interactive = name if interactive else ""
         self._last_model = name
         if model and interactive:
             self._released[name] = now
 
-    def interactive_share(self) -> float:
-        """The share of the slot's recent time that interactive work took (with the
-        swaps back it caused): jobs get the rest, which their estimates allow for."""
-        now = self._clock()
+    def interruption_per_job(self) -> float:
+        """Seconds of slot time interactive work (and the reloads it caused) took per
+        job turn over the last minute: what each job ahead will wait on top of its own
+        time.  A ratio of counts, so it stays well behaved when interactive work takes
+        nearly all of the slot; with no job turn in the window, the whole of it."""
+        since = self._clock() - INTERRUPT_WINDOW
         with self._interrupts_lock:
-            while self._interrupts and self._interrupts[0][0] < now - INTERRUPT_WINDOW:
+            while self._interrupts and self._interrupts[0][0] < since:
                 self._interrupts.popleft()
+            while self._job_turns and self._job_turns[0] < since:
+                self._job_turns.popleft()
             taken = sum(seconds for _, seconds in self._interrupts)
-        # Over the whole window even just after start: a share that ramps up, rather
-        # than one first sample over a second of history, keeps estimates from jumping.
-        return min(_INTERRUPT_SHARE_AT_MOST, taken / INTERRUPT_WINDOW)
+            return taken / max(1, len(self._job_turns))
 
     def preferred(self, head: Candidate, models: Sequence[str]) -> tuple[list[str], str | None]:
         """Which of `models` (queued jobs' models, as written) a job worker should

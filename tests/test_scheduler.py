@@ -184,20 +184,20 @@ def test_the_slot_is_held_briefly_for_a_client_that_comes_right_back() -> None:
 def test_interactive_work_and_the_swaps_back_it_causes_are_measured_for_job_estimates(
 ) -> None:
     """W2: a client on A every 2.2 s between jobs on B takes its own 0.7 s and the 0.5 s
-    reload of B after it; jobs get the rest of the slot, so their estimates stretch."""
+    reload of B after it; each job waits for that on top of its own time."""
     clock = Clock()
     policy = Scheduler(Residency(lambda: []), 10.0, 0.0, 5.0,
                        load_time=lambda model: 0.5, clock=clock)
-    for _ in range(40):  # over a minute of it
+    for _ in range(40):  # over a minute of it: two jobs per interactive request
         clock.now += 1.0
         policy.released("b", interactive=False, held=0.2)
         clock.now += 0.5
         policy.released("a", interactive=True, held=0.7)
         clock.now += 0.7
         policy.released("b", interactive=False, held=0.7)  # the reload A caused
-    assert policy.interactive_share() == pytest.approx((0.7 + 0.5) / 2.2, rel=0.05)
+    assert policy.interruption_per_job() == pytest.approx((0.7 + 0.5) / 2, rel=0.05)
     clock.now += 120  # a quiet minute: jobs have the slot to themselves again
-    assert policy.interactive_share() == 0.0
+    assert policy.interruption_per_job() == 0.0
 
 
 def test_residency_learns_how_many_models_ollama_keeps() -> None:
