@@ -62,6 +62,7 @@ class Daemon:
     watchdog: Watchdog
     warmer: EmbedderWarmer | None
     store: JobStore
+    estimator: Estimator
     worker: JobWorker
     notifier: WebhookNotifier
     app: ForemanApp
@@ -116,6 +117,7 @@ class Daemon:
         self.watcher.stop()
         self.server.close(flush_timeout=5.0 if drained else 0.0)
         self.client.close()
+        self.estimator.flush()
         self.store.close()
         log.info("foreman stopped")
         return drained
@@ -252,4 +254,4 @@ def build_daemon(config: Config) -> Daemon:
                     max_connections_per_client=config.server.max_connections_per_client)
     webhooks.own = ListenAddress(server.host, server.port)  # the port, when 0 was asked
     return Daemon(config, client, inventory, chat_lane, embed_lane, watcher, watchdog, warmer,
-                  store, worker, notifier, app, server, draining)
+                  store, estimator, worker, notifier, app, server, draining)

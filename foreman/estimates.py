@@ -8,16 +8,17 @@ spent loading, the generation is the rest of the time the slot was held, so a
 first sample on a cold GPU is not mistaken for a slow generation.  An answer
 without that account (the OpenAI-shaped routes) teaches the generation time
 only, and only when the model looked resident.  Every load Ollama reports is
-also counted, with its time, for /metrics.  The history is saved as it is
-learned (beside the jobs) and read back at start, so estimates survive a
-restart.  A model with no history has no estimate: callers say so rather than
-invent a number.
+also counted, with its time, for /metrics.  The history is saved beside the
+jobs (each model's at most every 30 s, and all of it at shutdown) and read back
+at start, so estimates survive a restart.  A model with no history has no
+estimate: callers say so rather than invent a number.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -29,6 +30,9 @@ SMOOTHING = 0.3  # weight of the newest sample
 REAL_LOAD_SECONDS = 0.05
 _LOAD_DURATION = re.compile(rb'"load_duration"\s*:\s*(\d+)')
 _TAIL = 4096  # Ollama puts its durations at the end of the final message
+# A model's history is written to the store at most this often (and at shutdown):
+# a write per generation would sit between one job and the next.
+SAVE_EVERY = 30.0
 
 
 @dataclass
@@ -55,6 +59,8 @@ class Estimator:
         self._models = {name: ModelHistory(generation, load, samples)
                         for name, generation, load, samples in history}
         self._save = save
+        self._saved_at: dict[str, float] = {}  # model -> time.monotonic() of its last save
+        self._unsaved: set[str] = set()
 
     def record(self, model: str, held: float, resident: bool, final: bytes = b"") -> None:
         """Learn from a generation that held the slot `held` seconds and ended with the
@@ -76,8 +82,25 @@ class Estimator:
                     history.loads += 1
                     history.load_seconds += loaded
             history.samples += 1
-            snapshot = ModelHistory(history.generation, history.load, history.samples)
-        if self._save is not None:
+            self._unsaved.add(name)
+            due = time.monotonic() - self._saved_at.get(name, -SAVE_EVERY) >= SAVE_EVERY
+        if due:
+            self.flush(name)
+
+    def flush(self, only: str | None = None) -> None:
+        """Save the history not saved yet (of one model, or of all)."""
+        if self._save is None:
+            return
+        with self._lock:
+            names = list(self._unsaved) if only is None else sorted(self._unsaved & {only})
+            snapshots = [(name, ModelHistory(self._models[name].generation,
+                                             self._models[name].load,
+                                             self._models[name].samples)) for name in names]
+            now = time.monotonic()
+            for name in names:
+                self._unsaved.discard(name)
+                self._saved_at[name] = now
+        for name, snapshot in snapshots:
             self._save(name, snapshot)
 
     def estimate(self, model: str, resident: bool) -> float | None:
