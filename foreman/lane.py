@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 
 from .errors import BUSY_TEXT, ApiError
 from .inventory import canonical_model_name
-from .schedule import Candidate, Scheduler
+from .schedule import INTERACTIVE, Candidate, Scheduler
 
-INTERACTIVE, BATCH = 0, 1
 WAITING, GRANTED, RELEASED, CANCELLED = "waiting", "granted", "released", "cancelled"
 
 

@@ -26,8 +26,8 @@ from typing import Any
 
 from .estimates import Estimator
 from .inventory import canonical_model_name
-from .lane import BATCH, INTERACTIVE, Lane, Work
-from .schedule import Scheduler
+from .lane import Lane, Work
+from .schedule import BATCH, INTERACTIVE, Scheduler
 from .store import GENERATION_KINDS, Job, JobStore
 from .worker import JobWorker
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from .inventory import canonical_model_name
 
-INTERACTIVE = 0
+INTERACTIVE, BATCH = 0, 1  # the line's tiers: interactive requests always before jobs
 # Longest idle hold for a client expected back (a quick client returns in ms; a
 # person reading an answer does not, and is not waited for).
 ANTICIPATE_AT_MOST = 0.25
@@ -51,33 +51,33 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class Turn:
+class Choice:
     """The rule's answer: the index of who goes next, and why when it is not the
-    first in line (for the access log and the queue view)."""
+    first in line (for the access log)."""
 
     index: int
     reason: str | None = None
 
 
 def next_turn(waiting: Sequence[Candidate], resident: Collection[str],
-              passed: dict[Hashable, float], now: float, affinity_wait: float) -> Turn:
+              passed: dict[Hashable, float], now: float, affinity_wait: float) -> Choice:
     """Who of `waiting` (in line order) goes next.  `passed` maps a waiter to when it
     was first passed over for affinity; this call adds the ones it passes over."""
     head = waiting[0]
     if affinity_wait <= 0 or not head.model or head.model in resident:
-        return Turn(0)
+        return Choice(0)
     group = [i for i, c in enumerate(waiting) if (c.tier, c.priority) == (head.tier, head.priority)]
     if overdue([waiting[i] for i in group], passed, now, affinity_wait):
-        return Turn(0)
+        return Choice(0)
     for index in group[1:]:
         if waiting[index].model in resident:
             for skipped in group:
                 if skipped == index:
                     break
                 passed.setdefault(waiting[skipped].key, now)
-            return Turn(index, f"affinity: {waiting[index].model} is loaded,"
+            return Choice(index, f"affinity: {waiting[index].model} is loaded,"
                                f" {head.model} would need a swap")
-    return Turn(0)
+    return Choice(0)
 
 
 def overdue(waiting: Sequence[Candidate], passed: dict[Hashable, float], now: float,
@@ -223,7 +223,7 @@ class Scheduler:
 
     # -- the decision -------------------------------------------------------------
 
-    def pick(self, waiting: Sequence[Candidate]) -> tuple[Turn | None, float | None]:
+    def pick(self, waiting: Sequence[Candidate]) -> tuple[Choice | None, float | None]:
         """(who goes next, or None to hold the slot idle; until when to hold)."""
         now = self._clock()
         head = waiting[0]
@@ -242,7 +242,7 @@ class Scheduler:
                 return None, until
         return turn, None
 
-    def _share(self, waiting: Sequence[Candidate], now: float) -> Turn | None:
+    def _share(self, waiting: Sequence[Candidate], now: float) -> Choice | None:
         """A job's turn ahead of interactive work, when jobs have had less than their
         share of recent turns and the first one has waited long enough."""
         for index, candidate in enumerate(waiting):
@@ -250,7 +250,7 @@ class Scheduler:
                 waited = now - self._passed.setdefault(candidate.key, now)
                 share = sum(self._turns) / len(self._turns) if self._turns else 1.0
                 if waited >= self.share_after and share < self.min_share:
-                    return Turn(index, f"min_share: jobs had {share:.0%} of recent turns")
+                    return Choice(index, f"min_share: jobs had {share:.0%} of recent turns")
                 return None
         return None
 

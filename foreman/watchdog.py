@@ -33,7 +33,8 @@ from .body import SizedBody
 from .config import format_duration
 from .errors import TargetHTTPError, TargetTransportError
 from .inventory import Snapshot
-from .lane import BATCH, Lane, WaitCancelled, Work
+from .lane import Lane, WaitCancelled, Work
+from .schedule import BATCH
 from .target import AbortSignal, TargetClient, Upstream
 from .watch import ClientWatcher, Watch
 

@@ -36,9 +36,9 @@ from .errors import (
     describe_failure,
 )
 from .inventory import Inventory, canonical_model_name
-from .lane import BATCH, Lane, WaitCancelled, Work
+from .lane import Lane, WaitCancelled, Work
 from .metrics import Metrics
-from .schedule import Candidate
+from .schedule import BATCH, Candidate
 from .store import EMBED_KINDS, GENERATION_KINDS, Job, JobStore, StoreUnavailable
 from .target import AbortSignal, TargetClient
 from .watchdog import Watchdog

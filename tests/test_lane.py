@@ -10,7 +10,6 @@ import pytest
 
 from foreman.errors import ApiError
 from foreman.lane import (
-    BATCH,
     BUSY_TEXT,
     Lane,
     QueueFull,
@@ -19,6 +18,7 @@ from foreman.lane import (
     WaitTimeout,
     Work,
 )
+from foreman.schedule import BATCH
 
 
 def test_free_slot_is_granted_at_once_and_released_once() -> None:

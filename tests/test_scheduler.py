@@ -13,8 +13,7 @@ import requests
 
 from foreman.daemon import Daemon
 from foreman.estimates import Estimator, load_seconds
-from foreman.lane import BATCH, INTERACTIVE
-from foreman.schedule import Candidate, Residency, Scheduler, Turn, next_turn
+from foreman.schedule import BATCH, INTERACTIVE, Candidate, Choice, Residency, Scheduler, next_turn
 from tests.conftest import LogStream
 from tests.fake_ollama import FakeOllama, Fault, Gpu
 
@@ -150,14 +149,14 @@ def test_jobs_get_their_share_of_turns_under_constant_interactive_work() -> None
     for policy in (strict, shared):
         for turn in range(10):
             policy.granted(f"r{turn}", A, interactive=True)
-    assert shared.pick(line)[0] == Turn(0)  # the job has not waited share_after yet
+    assert shared.pick(line)[0] == Choice(0)  # the job has not waited share_after yet
     clock.now += 5
-    assert strict.pick(line)[0] == Turn(0)  # min_share 0: interactive always first
+    assert strict.pick(line)[0] == Choice(0)  # min_share 0: interactive always first
     turn, _ = shared.pick(line)
     assert turn is not None and turn.index == 1 and "min_share" in (turn.reason or "")
     shared.granted("job", A, interactive=False)
     shared.granted("r10", A, interactive=True)
-    assert shared.pick(line)[0] == Turn(0)  # 1 job in the last 12 turns: still short...
+    assert shared.pick(line)[0] == Choice(0)  # 1 job in the last 12 turns: still short...
     clock.now += 5
     assert shared.pick(line)[0].index == 1  # ...and it waited again: its share
 
@@ -184,7 +183,7 @@ def test_the_slot_is_held_briefly_for_a_client_that_comes_right_back() -> None:
     policy.released(A, interactive=True)
     clock.now += 1.0  # this time it does not come back
     turn, _ = policy.pick(waiting(("b", B)))
-    assert turn == Turn(0)  # the window passed: B's turn, and its swap
+    assert turn == Choice(0)  # the window passed: B's turn, and its swap
 
 
 def test_interactive_work_and_the_swaps_back_it_causes_are_measured_for_job_estimates(
