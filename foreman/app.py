@@ -173,12 +173,12 @@ class ForemanApp:
         limit = None if endpoint in self._unlimited_body else self._max_body
         verdict = self._guard.verdict(method, headers.get("HOST", ""), headers.get("ORIGIN", ""))
         refusal = self._at_door(verdict, path)
+        render = dialect_of(path).error_body
         if refusal is None and endpoint not in self._public and not self._authorized(
                 headers.get("AUTHORIZATION", ""), headers.get("X_API_KEY", "")):
-            refusal = error_response(_unauthorized(), dialect_of(path).error_body)
+            refusal = error_response(_unauthorized(), render)
         elif refusal is None and limit is not None and length is not None and length > limit:
-            refusal = error_response(ApiError(413, _WERKZEUG_TEXT[413]),
-                                     dialect_of(path).error_body)
+            refusal = error_response(ApiError(413, _WERKZEUG_TEXT[413]), render)
         if refusal is None:
             return None, limit
         request_id = uuid.uuid4().hex

@@ -61,18 +61,19 @@ SERVE = Verdict()
 def is_loopback_listen(host: str) -> bool:
     """Whether foreman listens only on loopback (`localhost` resolves to it)."""
     try:
-        return _unmapped(ipaddress.ip_address(host)).is_loopback
+        return unmapped(ipaddress.ip_address(host)).is_loopback
     except ValueError:
         try:
             infos = socket.getaddrinfo(host, None)
         except OSError:
             return False
-        return bool(infos) and all(_unmapped(ipaddress.ip_address(info[4][0])).is_loopback
+        return bool(infos) and all(unmapped(ipaddress.ip_address(info[4][0])).is_loopback
                                    for info in infos)
 
 
-def _unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address
-              ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+def unmapped(address: ipaddress.IPv4Address | ipaddress.IPv6Address
+             ) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An IPv4-mapped IPv6 address as the IPv4 address it is (Go's netip does the same)."""
     mapped = getattr(address, "ipv4_mapped", None)
     return mapped if mapped is not None else address
 
@@ -151,7 +152,7 @@ class Guard:
         if name in self._allowed_hosts:
             return True
         try:
-            address = _unmapped(ipaddress.ip_address(name))
+            address = unmapped(ipaddress.ip_address(name))
         except ValueError:
             return (name in ("", "localhost", self._hostname)
                     or name.endswith(_LOCAL_SUFFIXES))

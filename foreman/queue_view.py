@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from .estimates import Estimator
@@ -48,8 +49,9 @@ class Turn:
     tier: int = INTERACTIVE
     priority: int = 0
 
-    @property
+    @cached_property
     def name(self) -> str:
+        """The canonical model name, read several times per turn in a long line."""
         return canonical_model_name(self.model) if self.model else ""
 
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .config import ListenAddress
-from .guard import own_addresses
+from .guard import own_addresses, unmapped
 from .store import Job
 
 log = logging.getLogger("foreman.webhook")
@@ -62,8 +62,7 @@ def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
             address = ipaddress.IPv4Address(socket.inet_aton(host))
         except OSError:
             return None
-    mapped = getattr(address, "ipv4_mapped", None)
-    return mapped if mapped is not None else address
+    return unmapped(address)
 
 
 class WebhookPolicy:
