@@ -15,12 +15,19 @@ used, generations run one at a time, and the final chunk reports the real
 - W3: 2 x `--jobs` chat jobs alternating A/B, submitted at once (direct: one
   client, the same order).
 
+Direct, the jobs are streamed on one kept connection and every line parsed, as
+foreman's job worker runs them, so the hand-off gaps compare like for like.
+
 Reported per workload and path: model loads (from the simulator), makespan,
 and for jobs through foreman the error of `estimated_start` readings taken at
 least 10 s before each job started (median, and how many were null); the
 "grouped" line is the ideal: one load per model, then every generation.
 
-Run: `python -m bench.bench_scheduler [--load 0.5] [--seconds 60] [--jobs 100]`.
+Run: `python -m bench.bench_scheduler [--load 0.5] [--seconds 60] [--jobs 100]`;
+`--warm` gives foreman one job per model first (the history a restart keeps),
+`--steady` keeps W2's client going until the jobs are done (the estimates assume
+the interactive load goes on; a client that stops is not foreseeable), `--paths
+foreman` skips the direct run, `--dump FILE` keeps every estimate read.
 """
 
 from __future__ import annotations
@@ -54,21 +61,31 @@ def chat(url: str, model: str) -> None:
     answer.raise_for_status()
 
 
-def gpu_stats(sim: Child) -> dict[str, Any]:
+def streamed_chat(session: requests.Session, url: str, model: str) -> None:
+    """A chat as a job worker runs one: streamed on a kept connection, every line
+    parsed and the text assembled (the like-for-like direct side of the hand-off)."""
+    with session.post(url + "/api/chat", timeout=600, stream=True, json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}]}) as answer:
+        answer.raise_for_status()
+        "".join(json.loads(line)["message"]["content"] for line in answer.iter_lines())
+
+
+def gpu_stats(sim: Child, before: dict[str, Any] | None = None) -> dict[str, Any]:
     """Loads, and the gap from one generation's end to the next one's arrival (the
-    hand-off), from the simulator's own records."""
+    hand-off), from the simulator's own records; after `before` (its stats then)."""
     stats = requests.get(sim.url + "/fake/stats", timeout=5).json()
+    skip = len(before["started_at"]) if before else 0
     gaps = sorted((start - end) * 1000 for start, end in
-                  zip(stats["started_at"][1:], stats["finished_at"], strict=False)
+                  zip(stats["started_at"][skip + 1:], stats["finished_at"][skip:], strict=False)
                   if start >= end)
-    return {"loads": stats["loads"],
+    return {"loads": stats["loads"] - (before["loads"] if before else 0),
             "handoff_ms_p50": round(statistics.median(gaps), 2) if gaps else None}
 
 
-def interactive(url: str, model: str, until: float, think: float,
+def interactive(url: str, model: str, going: Callable[[], bool], think: float,
                 latencies: list[float] | None = None) -> threading.Thread:
     def run() -> None:
-        while time.monotonic() < until:
+        while going():
             started = time.monotonic()
             chat(url, model)
             if latencies is not None:
@@ -119,19 +136,24 @@ class JobWatch:
                 return jobs
             after = f"&after={page['next']}"
 
-    def estimate_errors(self) -> dict[str, Any]:
+    def estimate_errors(self, dump: str = "") -> dict[str, Any]:
         errors, nulls, jumps = [], 0, []
+        starts = {}
         for job_id, readings in self.readings.items():
             known = [estimate for _, estimate in readings if estimate is not None]
             jumps += [abs(b - a) for a, b in itertools.pairwise(known)]
-            started = _epoch(requests.get(f"{self.url}/jobs/{job_id}", timeout=10)
-                             .json()["started_at"])
+            started = starts[job_id] = _epoch(requests.get(f"{self.url}/jobs/{job_id}",
+                                                           timeout=10).json()["started_at"])
             ahead = [(at, estimate) for at, estimate in readings if started - at >= 10]
             for at, estimate in ahead:
                 if estimate is None:
                     nulls += 1
                 else:
                     errors.append(abs(estimate - started) / (started - at))
+        if dump:
+            with open(dump, "w") as out:
+                json.dump({job_id: {"started": starts[job_id], "readings": readings}
+                           for job_id, readings in self.readings.items()}, out)
         return {"readings_10s_ahead": len(errors) + nulls, "null": nulls,
                 "median_error": round(statistics.median(errors), 3) if errors else None,
                 "largest_jump_between_reads_s": round(max(jumps), 2) if jumps else None}
@@ -144,14 +166,18 @@ def _epoch(stamp: str) -> float:
 def measure(name: str, args: argparse.Namespace,
             work: Callable[[str, Child], dict[str, Any]]) -> dict[str, Any]:
     results: dict[str, Any] = {"workload": name}
-    for path in ("direct", "foreman"):
+    for path in args.paths:
         sim = simulator(args.load, args.tokens, args.token_delay)
         proxy = start_foreman(sim.url, extra=args.foreman_yaml) if path == "foreman" else None
         try:
+            before = None
+            if proxy and args.warm:  # one job per model first: foreman starts with history
+                JobWatch(proxy.url, [B, A]).wait()
+                before = requests.get(sim.url + "/fake/stats", timeout=5).json()
             started = time.monotonic()
             outcome = work(proxy.url if proxy else sim.url, sim)
             outcome["makespan_s"] = round(time.monotonic() - started, 1)
-            outcome.update(gpu_stats(sim))
+            outcome.update(gpu_stats(sim, before))
             results[path] = outcome
         finally:
             if proxy:
@@ -169,42 +195,58 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.01)
     parser.add_argument("--only", nargs="*", default=["W1", "W2", "W3"])
     parser.add_argument("--foreman-yaml", default="", help="extra config for foreman")
+    parser.add_argument("--paths", nargs="*", default=["direct", "foreman"])
+    parser.add_argument("--warm", action="store_true",
+                        help="run one job per model through foreman first, so it has history"
+                             " (as after a restart)")
+    parser.add_argument("--steady", action="store_true",
+                        help="W2's client runs until the jobs are done, not for --seconds")
+    parser.add_argument("--dump", default="", help="write every estimate reading here (JSON)")
     args = parser.parse_args()
     generation = args.tokens * args.token_delay
 
-    def w1(url: str, sim: Child) -> dict[str, Any]:
+    def for_the_length() -> Callable[[], bool]:
         until = time.monotonic() + args.seconds
+        return lambda: time.monotonic() < until
+
+    def w1(url: str, sim: Child) -> dict[str, Any]:
+        going = for_the_length()
         latencies: list[float] = []
-        for thread in [interactive(url, A, until, 0, latencies),
-                       interactive(url, B, until, 0, latencies)]:
+        for thread in [interactive(url, A, going, 0, latencies),
+                       interactive(url, B, going, 0, latencies)]:
             thread.join()
         return {"requests": len(latencies), "latency_s_max": round(max(latencies), 2),
                 "latency_s_p50": round(statistics.median(latencies), 2)}
 
     def w2(url: str, sim: Child) -> dict[str, Any]:
-        until = time.monotonic() + args.seconds
-        client = interactive(url, A, until, 1.0)
+        jobs_done = threading.Event()
+        going = (lambda: not jobs_done.is_set()) if args.steady else for_the_length()
+        client = interactive(url, A, going, 1.0)
         if url == sim.url:  # direct: the jobs are one client's requests, in turn
             started = time.monotonic()
-            for _ in range(args.jobs):
-                chat(url, B)
+            with requests.Session() as session:
+                for _ in range(args.jobs):
+                    streamed_chat(session, url, B)
             outcome = {"jobs_done_after_s": round(time.monotonic() - started, 1)}
         else:
             watch = JobWatch(url, [B] * args.jobs)
-            outcome = {"jobs_done_after_s": round(watch.wait(), 1),
-                       "estimates": watch.estimate_errors()}
+            outcome = {"jobs_done_after_s": round(watch.wait(), 1)}
+            jobs_done.set()
+            outcome["estimates"] = watch.estimate_errors(args.dump)
+        jobs_done.set()
         client.join()
         return outcome
 
     def w3(url: str, sim: Child) -> dict[str, Any]:
         order = [A, B] * args.jobs
         if url == sim.url:
-            for model in order:
-                chat(url, model)
+            with requests.Session() as session:
+                for model in order:
+                    streamed_chat(session, url, model)
             return {}
         watch = JobWatch(url, order)
         watch.wait()
-        return {"estimates": watch.estimate_errors()}
+        return {"estimates": watch.estimate_errors(args.dump)}
 
     workloads = {"W1": (w1, None), "W2": (w2, 2 * args.load + args.jobs * generation),
                  "W3": (w3, 2 * args.load + 2 * args.jobs * generation)}

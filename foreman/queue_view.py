@@ -7,8 +7,8 @@ resident now, so work for a resident model goes first within its tier and
 priority until the first in line has been passed over for `affinity_wait`,
 and each turn that needs a model brought in is charged that model's load time.
 Jobs are charged for the interactive work that will come between them: each
-job's turn adds the slot time interactive work (and the reloads it caused) took
-per job turn over the last minute.
+job's turn adds the slot time interactive work (and the reloads it caused)
+takes per job turn (`schedule.Interruptions`).
 Start times are simulated over `concurrency` places from what this box
 measured (see estimates); a model without history makes every estimate from
 that point on unknown, and the view says why (for the turns after the first
@@ -129,8 +129,12 @@ class QueueView:
         estimates: dict[tuple[str, bool], float | None] = {}  # thousands of turns, few models
         residency = self._scheduler.residency
         resident = _Resident(residency.models(), residency.capacity)
-        # Each job also waits for the interactive work that comes between jobs.
-        between_jobs = self._scheduler.interruption_per_job()
+        # Each job also waits for the interactive work that comes between jobs, and
+        # reloads its model after it; before the first job, the interactive work in
+        # sight (running or waiting) is that interruption.
+        interruption = self._scheduler.interruption_per_job()
+        interrupted = any(work.tier == INTERACTIVE for work in holders) or any(
+            turn.tier == INTERACTIVE for turn in turns)
         for work in holders:  # what runs now is resident when its place frees
             resident.ran(canonical_model_name(work.model) if work.model else "")
         # The order is drawn lazily: each pick sees the residency and the clock the
@@ -154,8 +158,11 @@ class QueueView:
                 else:
                     place = min(range(len(free_at)), key=lambda i: free_at[i] or 0.0)
                     start = free_at[place] or now
-                    free_at[place] = start + estimate + (between_jobs if turn.tier == BATCH
-                                                         else 0.0)
+                    if turn.tier == BATCH:
+                        start += 0.0 if interrupted else interruption.before
+                        interrupted = False
+                        estimate += 0.0 if needs_load else interruption.reload
+                    free_at[place] = start + estimate
             yield turn, position, start, unknown, needs_load
 
     def _order(self, turns: list[Turn], resident: _Resident, free_at: list[float | None],

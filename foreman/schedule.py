@@ -21,6 +21,7 @@ estimates describe the order the scheduler will actually use.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -35,9 +36,13 @@ INTERACTIVE, BATCH = 0, 1  # the line's tiers: interactive requests always befor
 ANTICIPATE_AT_MOST = 0.25
 _THINK_SMOOTHING = 0.3
 _SHARE_WINDOW = 20  # turns over which the jobs' share is counted
-# Seconds over which the slot's time taken by interactive work is measured, for
-# the jobs' estimates.
-INTERRUPT_WINDOW = 60.0
+# Seconds of memory of the slot time interactive work takes, for the jobs'
+# estimates: older turns fade (e^-age/memory), and after this long without
+# interactive work jobs are no longer charged for it.
+INTERRUPT_MEMORY = 60.0
+# Seconds over which what the estimates are shown follows that measure: it steps
+# as turns come, and each job's estimate multiplies a step by the jobs ahead of it.
+INTERRUPT_SMOOTHING = 5.0
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,79 @@ class Residency:
         return self._capacity
 
 
+@dataclass(frozen=True)
+class PerJob:
+    """What interactive work costs each job turn, on average: the interactive turns
+    that come before it, and the reload of the job's model they cause (inside the
+    job's own turn, after it has started)."""
+
+    before: float = 0.0
+    reload: float = 0.0
+
+
+class Interruptions:
+    """How much slot time interactive work takes per job turn, for the jobs'
+    estimates.  Ratios of counts, so they stay well behaved when interactive work
+    takes nearly all of the slot; with no job turn lately, the whole of it.  The
+    sums fade with age (no window edge for a turn to fall off), and the values
+    read follow the ratios smoothly, from the first evidence of them on; they start
+    afresh when interactive work starts after a quiet spell."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the slot writes, the queue view reads
+        self._taken = 0.0  # fading sum of seconds interactive turns held the slot
+        self._reloads = 0.0  # fading sum of seconds jobs reloaded their model after one
+        self._job_turns = 0.0  # fading count of job turns
+        self._at = 0.0  # when the sums were last faded
+        self._last_taken: float | None = None  # when interactive work last took any
+        self._shown: PerJob | None = None  # the smoothed values, as of `_at`
+
+    def interactive(self, now: float, held: float) -> None:
+        with self._lock:
+            if self._last_taken is None or now - self._last_taken > INTERRUPT_MEMORY:
+                # Interactive work starts (again): the job turns run before it said
+                # nothing about what it costs them.
+                self._taken = self._reloads = self._job_turns = 0.0
+                self._shown = None
+            self._advance(now)
+            self._taken += held
+            self._last_taken = now
+
+    def job(self, now: float, reload: float) -> None:
+        with self._lock:
+            self._advance(now)
+            self._reloads += reload
+            self._job_turns += 1
+
+    def per_job(self, now: float) -> PerJob:
+        with self._lock:
+            self._advance(now)
+            if self._shown is None and self._last_taken is not None:
+                self._shown = self._measured(now)  # the first evidence, as it is
+            return self._shown or PerJob()
+
+    def _measured(self, now: float) -> PerJob:
+        if self._last_taken is None or now - self._last_taken > INTERRUPT_MEMORY:
+            return PerJob()
+        turns = max(1.0, self._job_turns)
+        return PerJob(self._taken / turns, self._reloads / turns)
+
+    def _advance(self, now: float) -> None:
+        """Fade the sums to `now` and move the shown values toward their ratios."""
+        elapsed = max(0.0, now - self._at)
+        fade = math.exp(-elapsed / INTERRUPT_MEMORY)
+        self._taken *= fade
+        self._reloads *= fade
+        self._job_turns *= fade
+        self._at = max(self._at, now)
+        if self._shown is not None:
+            measured = self._measured(now)
+            follow = 1.0 - math.exp(-elapsed / INTERRUPT_SMOOTHING)
+            self._shown = PerJob(
+                self._shown.before + (measured.before - self._shown.before) * follow,
+                self._shown.reload + (measured.reload - self._shown.reload) * follow)
+
+
 class Scheduler:
     """The chat slot's policy, with the state the rule needs: who has been passed
     over since when, how quickly each model's client comes back, and the recent
@@ -141,11 +219,7 @@ class Scheduler:
         self._held_for: float | None = None  # the release a hold was made for
         self._hold_until = 0.0
         self._turns: deque[bool] = deque(maxlen=_SHARE_WINDOW)  # went to a job?
-        # (when, seconds) of slot time interactive work took: its own turns, and the
-        # reload of a job's model right after one (the swap it caused).
-        self._interrupts: deque[tuple[float, float]] = deque()
-        self._job_turns: deque[float] = deque()  # when each job's turn ended
-        self._interrupts_lock = threading.Lock()  # the queue view reads them unlocked
+        self._interruptions = Interruptions()
         self._after_interactive = ""  # the model of the interactive work that just ended
 
     @property
@@ -175,32 +249,21 @@ class Scheduler:
         self.residency.ran(model)  # a job worker may have claimed another model
         name = canonical_model_name(model) if model else ""
         now = self._clock()
-        cost = held if interactive else (
-            self._load_time(name) or 0.0
-            if self._after_interactive and name and name != self._after_interactive else 0.0)
-        with self._interrupts_lock:
-            if cost:
-                self._interrupts.append((now, cost))
-            if not interactive:
-                self._job_turns.append(now)
+        if interactive:
+            self._interruptions.interactive(now, held)
+        else:
+            swapped_back = self._after_interactive and name and name != self._after_interactive
+            self._interruptions.job(now, (self._load_time(name) or 0.0) if swapped_back
+                                    else 0.0)
         self._after_interactive = name if interactive else ""
         self._last_model = name
         if model and interactive:
             self._released[name] = now
 
-    def interruption_per_job(self) -> float:
-        """Seconds of slot time interactive work (and the reloads it caused) took per
-        job turn over the last minute: what each job ahead will wait on top of its own
-        time.  A ratio of counts, so it stays well behaved when interactive work takes
-        nearly all of the slot; with no job turn in the window, the whole of it."""
-        since = self._clock() - INTERRUPT_WINDOW
-        with self._interrupts_lock:
-            while self._interrupts and self._interrupts[0][0] < since:
-                self._interrupts.popleft()
-            while self._job_turns and self._job_turns[0] < since:
-                self._job_turns.popleft()
-            taken = sum(seconds for _, seconds in self._interrupts)
-            return taken / max(1, len(self._job_turns))
+    def interruption_per_job(self) -> PerJob:
+        """Seconds of slot time interactive work (and the reloads it caused) takes per
+        job turn: what each job ahead will wait on top of its own time."""
+        return self._interruptions.per_job(self._clock())
 
     def preferred(self, head: Candidate, models: Sequence[str]) -> tuple[list[str], str | None]:
         """Which of `models` (queued jobs' models, as written) a job worker should

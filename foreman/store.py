@@ -210,6 +210,11 @@ class JobStore:
         self._lock = threading.Lock()
         self._changed = threading.Condition(threading.Lock())
         self._version = 0
+        # Writes that may give a worker something to claim; kept apart so that a job
+        # finishing (a write between one job and the next) does not wake every idle
+        # worker to look for work it cannot have brought.
+        self._work = threading.Condition(threading.Lock())
+        self._work_version = 0
         if exclusive and not path.startswith("file:"):
             folder = os.path.dirname(os.path.abspath(path))
             try:
@@ -246,8 +251,9 @@ class JobStore:
             self._owner_fd = None
 
     @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; an OS-level failure becomes StoreUnavailable."""
+    def _write(self, adds_work: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; an OS-level failure becomes StoreUnavailable.
+        `adds_work`: it may make a job ready to claim (workers are woken)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
@@ -263,6 +269,13 @@ class JobStore:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
+        if adds_work:
+            self._wake_workers()
+
+    def _wake_workers(self) -> None:
+        with self._work:
+            self._work_version += 1
+            self._work.notify_all()
 
     def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         """One query on a reader connection of its own: never behind the write lock."""
@@ -288,15 +301,28 @@ class JobStore:
             self._changed.wait_for(lambda: self._version != seen, timeout)
             return self._version
 
+    def wait_for_work(self, seen: int, timeout: float) -> int:
+        """Block until a write after `work_version` `seen` that may have made a job ready
+        (a submit, a requeue), or timeout; return the work version."""
+        with self._work:
+            self._work.wait_for(lambda: self._work_version != seen, timeout)
+            return self._work_version
+
     def wake_waiters(self) -> None:
-        """Wake every `wait_for_change` caller so it can re-check its own stop condition."""
+        """Wake every `wait_for_change` and `wait_for_work` caller so it can re-check its
+        own stop condition."""
         with self._changed:
             self._version += 1
             self._changed.notify_all()
+        self._wake_workers()
 
     @property
     def version(self) -> int:
         return self._version
+
+    @property
+    def work_version(self) -> int:
+        return self._work_version
 
     def close(self) -> None:
         with self._lock:
@@ -313,7 +339,7 @@ class JobStore:
         """Commit a new job; returns (job, created).  A replayed key returns the
         existing job with created=False; the same key with another body is a 409."""
         print_ = fingerprint(kind, request, priority, webhook)
-        with self._write() as db:
+        with self._write(adds_work=True) as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?",
                                  (idempotency_key,)).fetchone()
@@ -457,7 +483,7 @@ class JobStore:
 
     def requeue(self, job: Job, delay: float, spend_attempt: bool, error: str | None) -> bool:
         """running -> queued after `delay` seconds; a target outage does not spend an attempt."""
-        with self._write() as db:
+        with self._write(adds_work=True) as db:
             changed = db.execute(
                 "UPDATE jobs SET status = 'queued', not_before = ?, error = ?, started_at = NULL,"
                 " attempts = attempts - ? WHERE id = ? AND status = 'running' AND attempts = ?",
@@ -468,7 +494,7 @@ class JobStore:
     def recover_orphans(self, max_attempts: int) -> tuple[int, int]:
         """At start-up: running rows were interrupted by a crash.  Returns (requeued, failed)."""
         now = self._clock()
-        with self._write() as db:
+        with self._write(adds_work=True) as db:
             failed = db.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted:"
                 " foreman stopped while the job was running, and its attempts are spent'"

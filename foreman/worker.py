@@ -148,7 +148,7 @@ class JobWorker:
 
     def _wait(self, seen: int, timeout: float) -> None:
         if not self._stop.is_set():
-            self._store.wait_for_change(seen, timeout)
+            self._store.wait_for_work(seen, timeout)
 
     def _loop(self, kinds: tuple[str, ...], lane: Lane) -> None:
         while not self._stop.is_set():
@@ -162,7 +162,7 @@ class JobWorker:
                 self._stop.wait(OUTAGE_RETRY_SECONDS)
 
     def _step(self, kinds: tuple[str, ...], lane: Lane) -> None:
-        seen = self._store.version
+        seen = self._store.work_version
         if self._inventory.snapshot.degraded and self._inventory.snapshot.last_attempt:
             # Jobs wait for the target instead of failing against it.
             self._inventory.wait_for(lambda s: not s.degraded or self._stop.is_set(), 1.0)

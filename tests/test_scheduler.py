@@ -6,14 +6,30 @@ restart; unit-level with a fake clock, then end to end on a simulated GPU."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import requests
 
 from foreman.daemon import Daemon
 from foreman.estimates import Estimator, load_seconds
-from foreman.schedule import BATCH, INTERACTIVE, Candidate, Choice, Residency, Scheduler, next_turn
+from foreman.lane import Lane, Work
+from foreman.queue_view import QueueView
+from foreman.schedule import (
+    BATCH,
+    INTERACTIVE,
+    Candidate,
+    Choice,
+    PerJob,
+    Residency,
+    Scheduler,
+    next_turn,
+)
+from foreman.store import JobStore
 from tests.conftest import LogStream
 from tests.fake_ollama import FakeOllama, Fault, Gpu
 
@@ -200,9 +216,54 @@ def test_interactive_work_and_the_swaps_back_it_causes_are_measured_for_job_esti
         policy.released("a", interactive=True, held=0.7)
         clock.now += 0.7
         policy.released("b", interactive=False, held=0.7)  # the reload A caused
-    assert policy.interruption_per_job() == pytest.approx((0.7 + 0.5) / 2, rel=0.05)
+    measured = policy.interruption_per_job()
+    assert measured.before == pytest.approx(0.7 / 2, rel=0.05)  # A's turn, before a job
+    assert measured.reload == pytest.approx(0.5 / 2, rel=0.05)  # inside a job's own turn
     clock.now += 120  # a quiet minute: jobs have the slot to themselves again
-    assert policy.interruption_per_job() == 0.0
+    quiet = policy.interruption_per_job()
+    assert quiet.before + quiet.reload == pytest.approx(0.0, abs=1e-6)
+    for _ in range(30):  # jobs alone, then the client is back
+        clock.now += 0.2
+        policy.released("b", interactive=False, held=0.2)
+    clock.now += 0.7
+    policy.released("a", interactive=True, held=0.7)
+    clock.now += 0.7
+    policy.released("b", interactive=False, held=0.7)
+    # Its cost per job is learned afresh, not diluted by the jobs that ran without it.
+    fresh = policy.interruption_per_job()
+    assert (fresh.before, fresh.reload) == pytest.approx((0.7, 0.5), rel=0.02)
+
+
+def test_job_estimates_follow_a_change_in_interactive_work_without_jumping() -> None:
+    """W2 at 5 s loads: each job waits 10.2 s for the client's request and the reload
+    after it.  When the client stops, jobs run back to back: the measure falls to 0,
+    by at most a tenth of the way between two reads half a second apart (a job 20
+    places back would otherwise jump by a minute), and it gets there."""
+    clock = Clock()
+    policy = Scheduler(Residency(lambda: []), 10.0, 0.0, 5.0,
+                       load_time=lambda model: 5.0, clock=clock)
+    assert policy.interruption_per_job() == PerJob()  # no evidence: no charge
+    for turn in range(12):
+        clock.now += 5.2
+        policy.released("a", interactive=True, held=5.2)
+        if turn == 0:  # the first evidence is shown as it is, not followed up from 0
+            assert policy.interruption_per_job().before == pytest.approx(5.2)
+        clock.now += 5.2
+        policy.released("b", interactive=False, held=5.2)
+        policy.interruption_per_job()
+    measured = policy.interruption_per_job()
+    steady = measured.before + measured.reload
+    assert steady == pytest.approx(5.2 + 5.0, rel=0.05)
+    reads = []
+    for _ in range(240):  # two minutes of jobs alone, read every half second
+        clock.now += 0.25
+        policy.released("b", interactive=False, held=0.25)
+        clock.now += 0.25
+        measured = policy.interruption_per_job()
+        reads.append(measured.before + measured.reload)
+    steps = [before - after for before, after in zip([steady, *reads], reads, strict=False)]
+    assert max(steps) < 0.1 * steady and min(steps) >= 0
+    assert reads[-1] == pytest.approx(0.0, abs=0.01)
 
 
 def test_residency_learns_how_many_models_ollama_keeps() -> None:
@@ -311,3 +372,52 @@ def test_jobs_progress_under_constant_interactive_load(make_foreman: Callable[..
         for thread in clients:
             thread.join(10)
     assert done["status"] == "succeeded"
+
+
+def test_the_view_charges_jobs_the_interactive_work_to_come_and_the_reload_after_it(
+        tmp_path: Path) -> None:
+    """W2 at 5 s loads, measured: each job waits 5.2 s of interactive work before its
+    turn and reloads its model (5 s) inside it.  With no interactive work in sight the
+    first job is charged that wait too; with a request in line, the request stands in
+    for it (charging both made the estimate jump by a turn each time one arrived)."""
+    clock = Clock()
+    policy = Scheduler(Residency(lambda: []), 20.0, 0.0, 30.0,
+                       load_time=lambda model: 5.0, clock=clock)
+    for _ in range(12):
+        clock.now += 5.2
+        policy.released("a", interactive=True, held=5.2)
+        clock.now += 5.2
+        policy.released("b", interactive=False, held=5.2)
+    settled = policy.interruption_per_job()
+    assert settled.before == pytest.approx(5.2, rel=0.1)
+    assert settled.reload == pytest.approx(5.0, rel=0.1)
+    estimator = Estimator([(A, 0.2, 5.0, 10), (B, 0.2, 5.0, 10)])
+    lane = Lane("chat slot", 1, 10, scheduler=policy)
+    store = JobStore(str(tmp_path / "jobs.db"))
+    worker = SimpleNamespace(chunks=lambda job_id: 0)
+    view = QueueView(lane, store, worker, estimator, policy)  # type: ignore[arg-type]
+    running = lane.acquire(Work("job", "b", tier=BATCH, label="j0", resident=True))
+    for _ in range(2):
+        store.submit("chat", {"model": "b"})
+
+    def starts() -> list[float]:
+        snapshot = view.snapshot()
+        return [_epoch(w["estimated_start"]) - time.time() for w in snapshot["waiting"]]
+
+    first, second = starts()  # a job on B runs (0.2 s); the client is thinking
+    assert first == pytest.approx(0.2 + settled.before, abs=0.1)
+    assert second - first == pytest.approx(0.2 + settled.reload + settled.before, abs=0.1)
+    waiter = threading.Thread(target=lambda: lane.acquire(Work("chat", "a")).release())
+    waiter.start()
+    assert lane.wait_for(lambda lane_: lane_.waiting == 1, 5)
+    request, first, second = starts()  # the client's request is in line: it goes first
+    assert request == pytest.approx(0.2, abs=0.1)
+    assert first == pytest.approx(0.2 + 5.2, abs=0.1)  # A's own turn, with its load
+    assert second - first == pytest.approx(0.2 + 5.0 + settled.before, abs=0.1)  # B's load
+    running.release()
+    waiter.join(5)
+    store.close()
+
+
+def _epoch(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()

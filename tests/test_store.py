@@ -72,6 +72,26 @@ def test_finish_returns_the_job_exactly_as_stored(store: JobStore) -> None:
     assert finished == store.get(job.id)  # what the notifier gets without reading it back
 
 
+def test_only_writes_that_can_make_work_ready_wake_idle_workers(store: JobStore) -> None:
+    """A finish sits between one job and the next: waking every idle worker then (to
+    look for work it did not add) slowed the hand-off by a millisecond."""
+    seen = store.work_version
+    job, _ = store.submit("chat", {"model": "m"})
+    assert store.wait_for_work(seen, timeout=5) != seen  # returns at once: it changed
+    seen = store.work_version
+    claimed = store.claim(("chat",))
+    assert claimed is not None and store.finish(claimed, "succeeded", "{}")
+    store.cancel(job.id)
+    assert store.work_version == seen
+    assert store.wait_for_work(seen, timeout=0.01) == seen  # nothing to wake for
+    store.submit("chat", {"model": "m"})
+    again = store.claim(("chat",))
+    assert again is not None and store.requeue(again, 0, spend_attempt=True, error="500")
+    assert store.work_version == seen + 2  # the submit and the requeue
+    store.wake_waiters()  # the shutdown's
+    assert store.work_version == seen + 3
+
+
 def test_requeue_without_spending_an_attempt_and_backoff(store: JobStore, clock: Clock) -> None:
     store.submit("chat", {"model": "m"})
     job = store.claim(("chat",))
