@@ -20,7 +20,7 @@ from typing import Any
 import requests
 
 from bench.common import KeepAlive, machine, proc_status, rss_mb, start_fake, start_foreman, summary
-from foreman.store import JobStore
+from foreman.store_sqlite import SqliteStore
 
 
 def submit_rate(total: int, clients: int) -> dict[str, Any]:
@@ -103,7 +103,7 @@ def handoff_gap(jobs: int) -> dict[str, Any]:
 def claim_latency(finished: int, queued: int, claims: int) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp())
     path = str(folder / "big.db")
-    JobStore(path).close()
+    SqliteStore(path).close()
     db = sqlite3.connect(path)
     now = time.time()
     rows = [(f"f{i:08d}", "chat", "succeeded", i % 7, '{"model":"m"}', f"fp{i}", now - 100,
@@ -114,7 +114,7 @@ def claim_latency(finished: int, queued: int, claims: int) -> dict[str, Any]:
                    " created_at, finished_at, attempts) VALUES (?,?,?,?,?,?,?,?,?)", rows)
     db.commit()
     db.close()
-    store = JobStore(path)
+    store = SqliteStore(path)
     times = []
     for _ in range(claims):
         started = time.perf_counter()

@@ -40,7 +40,7 @@ from .observe import ObserveApi, register_gauges
 from .queue_view import QueueView
 from .schedule import Residency, Scheduler
 from .server import Server
-from .store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable
+from .store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable, open_store
 from .target import TargetClient
 from .warmup import EmbedderWarmer
 from .watch import ClientWatcher
@@ -87,7 +87,7 @@ class Daemon:
         log.info("foreman serving on %s, target %s", self.url, self.client.display_url)
         log.info("auth %s; status page %s/status; job store %s",
                  "on (bearer token)" if self.config.token else "off (no token configured)",
-                 self.url, os.path.abspath(self.store.path))
+                 self.url, self.store.location)
 
     def shutdown(self, drain_timeout: float | None = None) -> bool:
         """Stop accepting, let in-flight work finish (up to the drain timeout), stop.
@@ -186,7 +186,7 @@ def build_daemon(config: Config) -> Daemon:
     inventory = Inventory(client, config.inventory.poll_interval,
                           miss_cooldown=config.inventory.repoll_cooldown,
                           poll_timeout=config.inventory.poll_timeout)
-    store = JobStore(config.jobs.db, exclusive=True)
+    store = open_store(config.jobs.db, exclusive=True)
 
     def save_history(model: str, history: ModelHistory) -> None:
         try:

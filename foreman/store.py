@@ -1,78 +1,47 @@
-"""The durable job queue: one SQLite file, one writer connection, explicit transactions.
+"""The durable job queue's contract, and the logic every backend shares.
 
-A job is accepted only once its row is committed with `synchronous=FULL`, so
-a `kill -9` at any moment loses nothing that was answered 202.  Every write
-runs in `BEGIN IMMEDIATE` on the one writer connection, behind one lock;
-reads run on connections of their own, so in WAL mode they never wait behind a
-writer (ours, or another process holding the database's write lock).  Every
-state change after the claim is a compare-and-set on (id, status, attempts),
-so a worker whose job was cancelled, or re-claimed after a restart, can never
-overwrite the newer state.  A daemon opens its store exclusively (an OS lock
-on `<db>.lock` that dies with the process), so rows found `running` when it
-opens are orphans of a crash: they go back to the queue, or fail once their
-attempts are spent.
+`JobStore` owns what a job is and how it moves (queued -> running -> a final
+state), written once in SQL both backends speak; a backend owns its
+connections, its transactions, its schema and the few statements that differ
+(`store_sqlite`: one file, one host; `store_postgres`: one database, a fleet of
+hosts).  `open_store` picks the backend from `jobs.db`.
+
+A job is accepted only once its row is committed durably, so a `kill -9` at any
+moment loses nothing that was answered 202.  Every state change after the claim
+is a compare-and-set on (id, status, attempts), so a worker whose job was
+cancelled, or re-claimed after its host was lost, can never overwrite the newer
+state.  Rows found `running` that no live host owns are orphans: they go back to
+the queue, or fail once their attempts are spent.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
-import os
-import queue
-import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from .errors import ApiError
+from .inventory import canonical_model_name
 
 KINDS = ("chat", "generate", "embed")
 GENERATION_KINDS = ("chat", "generate")  # the chat-slot lane
 EMBED_KINDS = ("embed",)
 FINAL = ("succeeded", "failed", "cancelled")
 STATUSES = ("queued", "running", *FINAL)
-# How long a write waits for another process's write lock before it fails
-# with StoreUnavailable (and is retried by whoever asked).
+# How long a write waits for another writer's lock before it fails with
+# StoreUnavailable (and is retried by whoever asked).
 BUSY_TIMEOUT = 10.0
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    kind TEXT NOT NULL,
-    model TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL,
-    priority INTEGER NOT NULL,
-    request TEXT NOT NULL,
-    webhook TEXT,
-    idempotency_key TEXT UNIQUE,
-    fingerprint TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    not_before REAL NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    result TEXT,
-    error TEXT
-);
-CREATE INDEX IF NOT EXISTS jobs_line ON jobs (status, priority DESC, seq);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS model_history (
-    model TEXT PRIMARY KEY,
-    generation REAL,
-    load REAL,
-    samples INTEGER NOT NULL
-);
-"""
 
 
 class StoreUnavailable(ApiError):
-    """The job database cannot be written (read-only, disk full, locked too long)."""
+    """The job database cannot be written (read-only, disk full, locked too long,
+    the database server unreachable)."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(503, f"the job store cannot accept work right now: {detail}",
@@ -80,38 +49,27 @@ class StoreUnavailable(ApiError):
 
 
 class StoreCorrupt(Exception):
-    """The job database file exists but is not a usable SQLite database."""
+    """The job database cannot be opened as one (a file that is not SQLite, a
+    database server that refuses us, a driver that is not installed)."""
 
 
 class StoreInUse(Exception):
-    """Another live foreman has this job store open."""
+    """Another live foreman has this job store open (under this host's name)."""
 
 
-def _lock_exclusively(path: str) -> int:
-    """Hold `<path>.lock` with an OS lock for as long as the returned descriptor is
-    open; the OS drops it when the process dies, `kill -9` included, so a stale
-    lock cannot exist.  The file is left in place: removing it would let two
-    daemons lock two different files of the same name."""
-    try:
-        fd = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise StoreCorrupt(f"{path}: cannot open the job database's lock file:"
-                           f" {exc.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreInUse(f"{path}: the job store is in use by another foreman (pid {holder});"
-                         " run one daemon per job store") from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+class KeyTaken(Exception):
+    """A backend's transaction lost a race for a unique idempotency key."""
 
 
 def _model_of(request: dict[str, Any]) -> str:
     """The model a job's request names, as the `model` column stores it."""
     return str(request.get("model", ""))
+
+
+def model_key(model: str) -> str:
+    """The `model_key` column: the canonical name, matched against a host's models
+    (so `llama3` is `llama3:latest`)."""
+    return canonical_model_name(model) if model else ""
 
 
 @dataclass
@@ -135,6 +93,7 @@ class Job:
     attempts: int
     result_json: str | None
     error: str | None
+    host: str | None = None  # the host running it, or that ran it last
 
     @property
     def request(self) -> dict[str, Any]:
@@ -146,20 +105,24 @@ class Job:
         return self.status in FINAL
 
 
-def _job(row: sqlite3.Row) -> Job:
+Row = Mapping[str, Any]
+
+
+def _job(row: Row) -> Job:
     return Job(
         id=row["id"], seq=row["seq"], kind=row["kind"], model=row["model"],
         status=row["status"], priority=row["priority"], request_json=row["request"],
         webhook=row["webhook"], created_at=row["created_at"], started_at=row["started_at"],
         finished_at=row["finished_at"], not_before=row["not_before"],
         attempts=row["attempts"], result_json=row["result"], error=row["error"],
+        host=row["host"],
     )
 
 
 # Every column a Job needs, with the request and the result left unread.
 _BRIEF_COLUMNS = ("seq, id, kind, model, status, priority, 'null' AS request, webhook,"
                   " created_at, started_at, finished_at, not_before, attempts,"
-                  " NULL AS result, error")
+                  " NULL AS result, error, host")
 
 
 class Queued(NamedTuple):
@@ -176,7 +139,7 @@ class Queued(NamedTuple):
 _AHEAD_OF = "(priority > ? OR (priority = ? AND seq < ?))"
 
 
-def _placeholders(values: tuple[str, ...]) -> str:
+def _placeholders(values: Sequence[str]) -> str:
     """`?, ?` for an `IN (...)` clause over `values`."""
     return ",".join("?" * len(values))
 
@@ -187,27 +150,38 @@ def fingerprint(kind: str, request: dict[str, Any], priority: int, webhook: str 
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _add_model_column(db: sqlite3.Connection) -> None:
-    """Databases written before jobs had a `model` column get one, filled in from
-    each job's request, so the line can be read without parsing requests."""
-    if any(column["name"] == "model" for column in db.execute("PRAGMA table_info(jobs)")):
-        return
-    db.execute("BEGIN IMMEDIATE")
-    db.execute("ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT ''")
-    db.executemany("UPDATE jobs SET model = ? WHERE seq = ?", (
-        (_model_of(json.loads(row["request"])), row["seq"])
-        for row in db.execute("SELECT seq, request FROM jobs").fetchall()))
-    db.execute("COMMIT")
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> list[Row]: ...
+
+
+class Session(Protocol):
+    """One transaction's connection, as the shared logic uses it: `?` placeholders,
+    rows read by column name."""
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Cursor: ...
 
 
 class JobStore:
-    def __init__(self, path: str, clock: Callable[[], float] = time.time,
-                 exclusive: bool = False) -> None:
-        """`exclusive`: this process owns the store (a daemon); another owner makes
-        this raise StoreInUse."""
-        self.path = path
+    """The contract.  A backend provides `_transaction` (one write transaction),
+    `_query` (one read, never behind a writer), `close`, `location`, and overrides
+    the class attributes below where its SQL differs."""
+
+    # Appended to a SELECT that the transaction then updates: SQLite's write
+    # transaction already excludes every other writer, PostgreSQL locks the rows.
+    LOCK_ROWS = ""
+    # Appended to the claim's SELECT: PostgreSQL skips rows another host is
+    # claiming instead of waiting for them.
+    SKIP_LOCKED = ""
+    # Several hosts claim from this store (leases, host names, model filters).
+    shared = False
+
+    def __init__(self, clock: Callable[[], float] = time.time, host: str = "") -> None:
         self._clock = clock
-        self._lock = threading.Lock()
+        self.host = host
         self._changed = threading.Condition(threading.Lock())
         self._version = 0
         # Writes that may give a worker something to claim; kept apart so that a job
@@ -215,57 +189,39 @@ class JobStore:
         # worker to look for work it cannot have brought.
         self._work = threading.Condition(threading.Lock())
         self._work_version = 0
-        if exclusive and not path.startswith("file:"):
-            folder = os.path.dirname(os.path.abspath(path))
-            try:
-                os.makedirs(folder, exist_ok=True)  # the per-user data folder, at first
-            except OSError as exc:
-                raise StoreCorrupt(f"{path}: cannot create its folder: {exc.strerror}") from None
-        self._owner_fd = _lock_exclusively(path) if exclusive else None
-        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._all_readers: list[sqlite3.Connection] = []
-        try:
-            self._db = self._connect()
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = FULL")
-            if self._db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-                raise StoreCorrupt(f"{path}: the job database failed its integrity check")
-            self._db.executescript(_SCHEMA)
-            _add_model_column(self._db)
-        except sqlite3.DatabaseError as exc:
-            self._release_ownership()
-            raise StoreCorrupt(f"{path}: cannot open the job database: {exc}") from None
+
+    # -- what a backend provides -----------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        """Where the jobs are, for the log (no secrets)."""
+        raise NotImplementedError
+
+    def _transaction(self) -> AbstractContextManager[Session]:
+        raise NotImplementedError
+
+    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        raise NotImplementedError
+
+    def _announce(self, db: Session) -> None:
+        """Inside a transaction that adds work: tell other hosts (at commit)."""
+
+    def close(self) -> None:
+        raise NotImplementedError
 
     # -- plumbing ---------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=BUSY_TIMEOUT, uri=self.path.startswith("file:"))
-        db.row_factory = sqlite3.Row
-        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
-        return db
-
-    def _release_ownership(self) -> None:
-        if self._owner_fd is not None:
-            os.close(self._owner_fd)
-            self._owner_fd = None
-
     @contextmanager
-    def _write(self, adds_work: bool = False) -> Iterator[sqlite3.Connection]:
-        """One write transaction; an OS-level failure becomes StoreUnavailable.
-        `adds_work`: it may make a job ready to claim (workers are woken)."""
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield self._db
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:
-                        self._db.execute("ROLLBACK")
-                    raise
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(str(exc)) from None
+    def _write(self, adds_work: bool = False) -> Iterator[Session]:
+        """One write transaction.  `adds_work`: it may make a job ready to claim
+        (workers here and on other hosts are woken)."""
+        with self._transaction() as db:
+            yield db
+            if adds_work:
+                self._announce(db)
+        self._changed_here(adds_work)
+
+    def _changed_here(self, adds_work: bool) -> None:
         with self._changed:
             self._version += 1
             self._changed.notify_all()
@@ -277,23 +233,8 @@ class JobStore:
             self._work_version += 1
             self._work.notify_all()
 
-    def _read(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        """One query on a reader connection of its own: never behind the write lock."""
-        try:
-            db = self._readers.get_nowait()
-        except queue.Empty:
-            try:
-                db = self._connect()
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(str(exc)) from None
-            with self._lock:
-                self._all_readers.append(db)
-        try:
-            return db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(str(exc)) from None
-        finally:
-            self._readers.put(db)
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+        return self._query(sql, args)
 
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """Block until any write after version `seen`, or timeout; return the version."""
@@ -324,21 +265,22 @@ class JobStore:
     def work_version(self) -> int:
         return self._work_version
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            for reader in self._all_readers:
-                reader.close()
-            self._release_ownership()
-
     # -- submitting and reading -------------------------------------------------
 
     def submit(self, kind: str, request: dict[str, Any], priority: int = 0,
                webhook: str | None = None, idempotency_key: str | None = None
                ) -> tuple[Job, bool]:
         """Commit a new job; returns (job, created).  A replayed key returns the
-        existing job with created=False; the same key with another body is a 409."""
+        existing job with created=False; the same key with another body is a 409.
+        Keys are unique across every host on the store."""
         print_ = fingerprint(kind, request, priority, webhook)
+        try:
+            return self._submit(kind, request, priority, webhook, idempotency_key, print_)
+        except KeyTaken:  # another host committed the same key first: replay it
+            return self._submit(kind, request, priority, webhook, idempotency_key, print_)
+
+    def _submit(self, kind: str, request: dict[str, Any], priority: int, webhook: str | None,
+                idempotency_key: str | None, print_: str) -> tuple[Job, bool]:
         with self._write(adds_work=True) as db:
             if idempotency_key is not None:
                 row = db.execute("SELECT * FROM jobs WHERE idempotency_key = ?",
@@ -348,14 +290,16 @@ class JobStore:
                         raise ApiError(409, "this Idempotency-Key was used for a different job")
                     return _job(row), False
             job_id = uuid.uuid4().hex
+            model = _model_of(request)
             db.execute(
-                "INSERT INTO jobs (id, kind, model, status, priority, request, webhook,"
-                " idempotency_key, fingerprint, created_at)"
-                " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                (job_id, kind, _model_of(request), priority, json.dumps(request),
+                "INSERT INTO jobs (id, kind, model, model_key, status, priority, request,"
+                " webhook, idempotency_key, fingerprint, created_at)"
+                " VALUES (?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (job_id, kind, model, model_key(model), priority, json.dumps(request),
                  webhook, idempotency_key, print_, self._clock()),
             )
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row is not None
         return _job(row), True
 
     def get(self, job_id: str) -> Job | None:
@@ -368,10 +312,10 @@ class JobStore:
             return None
         lane = EMBED_KINDS if job.kind in EMBED_KINDS else GENERATION_KINDS
         ahead = self._read(
-            f"SELECT COUNT(*) FROM jobs WHERE status = 'queued' AND kind IN"
+            f"SELECT COUNT(*) AS ahead FROM jobs WHERE status = 'queued' AND kind IN"
             f" ({_placeholders(lane)}) AND {_AHEAD_OF}",
             (*lane, job.priority, job.priority, job.seq),
-        )[0][0]
+        )[0]["ahead"]
         return int(ahead) + 1
 
     def list(self, status: str | None = None, kind: str | None = None, limit: int = 50,
@@ -432,37 +376,53 @@ class JobStore:
         if ahead_of is not None:
             sql += f" AND {_AHEAD_OF}"
             args += (ahead_of.priority, ahead_of.priority, ahead_of.seq)
-        return [Queued(*row) for row in self._read(sql + " ORDER BY priority DESC, seq", args)]
+        return [Queued(row["id"], row["model"], row["created_at"], row["priority"])
+                for row in self._read(sql + " ORDER BY priority DESC, seq", args)]
 
     def next_ready_at(self, kinds: tuple[str, ...]) -> float | None:
         """When the earliest queued job of these kinds may run (None: nothing queued)."""
         marks = _placeholders(kinds)
         rows = self._read(
-            f"SELECT MIN(not_before) FROM jobs WHERE status = 'queued' AND kind IN ({marks})",
-            kinds)
-        return rows[0][0]
+            f"SELECT MIN(not_before) AS ready_at FROM jobs WHERE status = 'queued'"
+            f" AND kind IN ({marks})", kinds)
+        ready_at: float | None = rows[0]["ready_at"]
+        return ready_at
 
     # -- the worker's side --------------------------------------------------------
 
     def claim(self, kinds: tuple[str, ...], models: Sequence[str] = (),
-              priority: int | None = None) -> Job | None:
-        """Atomically take the best ready job of these kinds and mark it running; with
-        `models` and `priority`, the first of that priority for one of those models."""
+              priority: int | None = None, available: Sequence[str] | None = None
+              ) -> Job | None:
+        """Atomically take the best ready job of these kinds and mark it running (on
+        this host, under a lease where the store is shared); with `models` and
+        `priority`, the first of that priority for one of those models (as written);
+        with `available`, only jobs for those models (canonical names: what this
+        host's target has)."""
         now = self._clock()
         where, args = f"kind IN ({_placeholders(kinds)})", (*kinds,)
         if models and priority is not None:
             where += f" AND priority = ? AND model IN ({_placeholders(models)})"
             args += (priority, *models)
+        if available is not None:
+            if not available:
+                return None
+            where += f" AND model_key IN ({_placeholders(available)})"
+            args += tuple(available)
+        lease, lease_args = self._lease()
         with self._write() as db:
             row = db.execute(
                 f"SELECT id FROM jobs WHERE status = 'queued' AND {where}"
-                " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1", (*args, now),
+                " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1" + self.SKIP_LOCKED,
+                (*args, now),
             ).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1,"
-                       " started_at = ? WHERE id = ? AND status = 'queued'", (now, row["id"]))
+                       f" started_at = ?, host = ?, lease_until = {lease}"
+                       " WHERE id = ? AND status = 'queued'",
+                       (now, self.host or None, *lease_args, row["id"]))
             claimed = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
+        assert claimed is not None
         return _job(claimed)
 
     def finish(self, job: Job, status: str, result_json: str | None = None,
@@ -486,31 +446,44 @@ class JobStore:
         with self._write(adds_work=True) as db:
             changed = db.execute(
                 "UPDATE jobs SET status = 'queued', not_before = ?, error = ?, started_at = NULL,"
-                " attempts = attempts - ? WHERE id = ? AND status = 'running' AND attempts = ?",
+                " lease_until = NULL, attempts = attempts - ?"
+                " WHERE id = ? AND status = 'running' AND attempts = ?",
                 (self._clock() + delay, error, 0 if spend_attempt else 1, job.id, job.attempts),
             ).rowcount
         return changed == 1
 
     def recover_orphans(self, max_attempts: int) -> tuple[int, int]:
-        """At start-up: running rows were interrupted by a crash.  Returns (requeued, failed)."""
+        """At start-up: the running rows this host left when it stopped (all of them,
+        where the store has one host) were interrupted.  Returns (requeued, failed)."""
+        mine, mine_args = self._orphans()
         now = self._clock()
         with self._write(adds_work=True) as db:
             failed = db.execute(
                 "UPDATE jobs SET status = 'failed', finished_at = ?, error = 'interrupted:"
                 " foreman stopped while the job was running, and its attempts are spent'"
-                " WHERE status = 'running' AND attempts >= ?", (now, max_attempts),
+                f" WHERE status = 'running' AND attempts >= ? AND {mine}",
+                (now, max_attempts, *mine_args),
             ).rowcount
             requeued = db.execute(
-                "UPDATE jobs SET status = 'queued', started_at = NULL, not_before = 0"
-                " WHERE status = 'running'").rowcount
+                "UPDATE jobs SET status = 'queued', started_at = NULL, not_before = 0,"
+                f" lease_until = NULL WHERE status = 'running' AND {mine}", mine_args).rowcount
         return requeued, failed
+
+    def _orphans(self) -> tuple[str, tuple[Any, ...]]:
+        """Which running rows `recover_orphans` takes back (a WHERE clause)."""
+        return "1 = 1", ()
+
+    def _lease(self) -> tuple[str, tuple[Any, ...]]:
+        """The SQL value a claim writes as `lease_until`, and its arguments."""
+        return "NULL", ()
 
     # -- the client's side ----------------------------------------------------------
 
     def cancel(self, job_id: str) -> tuple[Job | None, str]:
         """Returns (job after the change, what was cancelled: queued|running|final|missing)."""
         with self._write() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT * FROM jobs WHERE id = ?" + self.LOCK_ROWS,
+                             (job_id,)).fetchone()
             if row is None:
                 return None, "missing"
             was = row["status"]
@@ -524,7 +497,8 @@ class JobStore:
     def delete(self, job_id: str) -> str:
         """Remove a finished job.  Returns deleted|missing|unfinished."""
         with self._write() as db:
-            row = db.execute("SELECT status FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            row = db.execute("SELECT status FROM jobs WHERE id = ?" + self.LOCK_ROWS,
+                             (job_id,)).fetchone()
             if row is None:
                 return "missing"
             if row["status"] not in FINAL:
@@ -538,7 +512,26 @@ class JobStore:
                               " finished_at < ?", (self._clock() - older_than,)).rowcount
 
     def counts(self) -> dict[str, int]:
-        rows = self._read("SELECT status, COUNT(*) FROM jobs GROUP BY status")
+        rows = self._read("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
         counts = dict.fromkeys(STATUSES, 0)
-        counts.update({r[0]: r[1] for r in rows})
+        counts.update({r["status"]: r["n"] for r in rows})
         return counts
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def open_store(location: str, *, exclusive: bool = False, host: str = "",
+               lease_timeout: float = 30.0, clock: Callable[[], float] = time.time) -> JobStore:
+    """The store `jobs.db` names: a `postgresql://` URL (a fleet's shared queue; the
+    driver is imported only then), or a SQLite file."""
+    if location.startswith(POSTGRES_SCHEMES):
+        try:
+            from .store_postgres import PostgresStore
+        except ImportError as exc:
+            raise StoreCorrupt(
+                f"jobs.db is a PostgreSQL URL, but its driver cannot be imported ({exc}):"
+                " pip install -r requirements-postgres.txt") from None
+        return PostgresStore(location, host=host, lease_timeout=lease_timeout, clock=clock)
+    from .store_sqlite import SqliteStore
+    return SqliteStore(location, clock, exclusive, host)

@@ -29,7 +29,7 @@ from foreman.schedule import (
     Scheduler,
     next_turn,
 )
-from foreman.store import JobStore
+from foreman.store_sqlite import SqliteStore
 from tests.conftest import LogStream
 from tests.fake_ollama import FakeOllama, Fault, Gpu
 
@@ -393,7 +393,7 @@ def test_the_view_charges_jobs_the_interactive_work_to_come_and_the_reload_after
     assert settled.reload == pytest.approx(5.0, rel=0.1)
     estimator = Estimator([(A, 0.2, 5.0, 10), (B, 0.2, 5.0, 10)])
     lane = Lane("chat slot", 1, 10, scheduler=policy)
-    store = JobStore(str(tmp_path / "jobs.db"))
+    store = SqliteStore(str(tmp_path / "jobs.db"))
     worker = SimpleNamespace(chunks=lambda job_id: 0)
     view = QueueView(lane, store, worker, estimator, policy)  # type: ignore[arg-type]
     running = lane.acquire(Work("job", "b", tier=BATCH, label="j0", resident=True))

@@ -14,6 +14,7 @@ import requests
 from foreman.daemon import Daemon
 from foreman.errors import ApiError
 from foreman.store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable
+from foreman.store_sqlite import SqliteStore
 
 
 class Clock:
@@ -31,7 +32,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def store(tmp_path: Path, clock: Clock) -> JobStore:
-    return JobStore(str(tmp_path / "jobs.db"), clock=clock)
+    return SqliteStore(str(tmp_path / "jobs.db"), clock=clock)
 
 
 def test_settings_make_commits_durable(store: JobStore) -> None:
@@ -117,7 +118,7 @@ def test_idempotency_key_replays_or_conflicts(store: JobStore) -> None:
 def test_orphans_are_requeued_or_failed_when_attempts_are_spent(tmp_path: Path,
                                                                 clock: Clock) -> None:
     path = str(tmp_path / "jobs.db")
-    store = JobStore(path, clock=clock)
+    store = SqliteStore(path, clock=clock)
     fresh, _ = store.submit("chat", {"model": "m"})
     tired, _ = store.submit("chat", {"model": "m"}, priority=9)
     for _ in range(3):  # three interrupted attempts
@@ -128,7 +129,7 @@ def test_orphans_are_requeued_or_failed_when_attempts_are_spent(tmp_path: Path,
     assert store.claim(("chat",)).id == fresh.id
     store.close()  # "crash": both rows are running
 
-    reopened = JobStore(path, clock=clock)
+    reopened = SqliteStore(path, clock=clock)
     assert reopened.recover_orphans(max_attempts=3) == (1, 1)
     assert reopened.get(fresh.id).status == "queued"
     failed = reopened.get(tired.id)
@@ -169,13 +170,13 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreCorrupt, match=str(path)):
-        JobStore(str(path))
+        SqliteStore(str(path))
 
 
 def test_read_only_database_refuses_writes_with_503(tmp_path: Path) -> None:
     path = tmp_path / "jobs.db"
-    JobStore(str(path)).close()
-    store = JobStore(f"file:{path}?mode=ro")
+    SqliteStore(str(path)).close()
+    store = SqliteStore(f"file:{path}?mode=ro")
     with pytest.raises(StoreUnavailable) as refused:
         store.submit("chat", {"model": "m"})
     assert refused.value.status == 503 and "readonly" in refused.value.message
@@ -208,23 +209,23 @@ def test_a_database_from_before_the_model_column_is_upgraded(tmp_path: Path) -> 
     """)
     old.commit()
     old.close()
-    store = JobStore(str(path))
+    store = SqliteStore(str(path))
     assert [(q.id, q.model) for q in store.line(("chat",))] == [("old1", "llama3")]
     job = store.claim(("chat",))
     assert job is not None and job.model == "llama3"
     store.close()
-    assert [(q.id, q.model) for q in JobStore(str(path)).line(("chat",))] == []
+    assert [(q.id, q.model) for q in SqliteStore(str(path)).line(("chat",))] == []
 
 
 def test_an_exclusive_store_refuses_a_second_owner_until_the_first_closes(
         tmp_path: Path) -> None:
     path = str(tmp_path / "jobs.db")
-    first = JobStore(path, exclusive=True)
+    first = SqliteStore(path, exclusive=True)
     with pytest.raises(StoreInUse, match=rf"in use by another foreman \(pid {os.getpid()}\)"):
-        JobStore(path, exclusive=True)
-    JobStore(path).close()  # a reader that does not own the store is fine
+        SqliteStore(path, exclusive=True)
+    SqliteStore(path).close()  # a reader that does not own the store is fine
     first.close()
-    JobStore(path, exclusive=True).close()
+    SqliteStore(path, exclusive=True).close()
 
 
 def test_reads_never_wait_behind_another_process_holding_the_write_lock(
