@@ -13,6 +13,7 @@ import base64
 import dataclasses
 import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -295,6 +296,13 @@ class JobsConfig:
     share_after: float = _key(parse_duration, 30.0)
     webhook_secret: str = _key(_webhook_secret, "")
     webhook_hosts: tuple[str, ...] = _key(_string_list, ())
+    # With a shared (PostgreSQL) store: this host's name among those sharing it
+    # ("": the machine's hostname, resolved at load), and how long a running job's
+    # lease lasts without renewal before another host may run it again.
+    host_name: str = _key(_string, "")
+    lease_timeout: float = _key(_at_least(5.0, "a host renews its leases every third of"
+                                               " it, so it must ride out a slow database"),
+                                30.0)
 
 
 @dataclass(frozen=True)
@@ -364,7 +372,7 @@ class Config:
                 unit = getattr(f.metadata.get("parse"), "unit", "")
                 if f.name in SECRET_KEYS and value:
                     value = "<redacted>"
-                elif f.name == "url":
+                elif f.name == "url" or (f.name == "db" and "://" in value):
                     value = redact_url(value)
                 elif unit:
                     value = _FORMATS[unit](value)
@@ -420,6 +428,9 @@ def parse_config(data: Any, source: str = "<config>",
     if not config.jobs.db:
         db = default_job_store(os.environ if environ is None else environ)
         config = dataclasses.replace(config, jobs=dataclasses.replace(config.jobs, db=db))
+    if not config.jobs.host_name:
+        config = dataclasses.replace(config, jobs=dataclasses.replace(
+            config.jobs, host_name=socket.gethostname()))
     return config
 
 
@@ -428,7 +439,7 @@ def load_config(
 ) -> Config:
     """Load and validate the config file (or the defaults when path is None).
 
-    FOREMAN_TOKEN, FOREMAN_TARGET_TOKEN and FOREMAN_WEBHOOK_SECRET in `environ`
+    FOREMAN_TOKEN, FOREMAN_TARGET_TOKEN, FOREMAN_JOBS_DB and FOREMAN_WEBHOOK_SECRET in `environ`
     override the secrets when they are set and not empty.
     """
     environ = os.environ if environ is None else environ
@@ -449,8 +460,8 @@ def load_config(
 
 
 def with_environment(config: Config, environ: Mapping[str, str]) -> Config:
-    """The config with FOREMAN_TOKEN, FOREMAN_TARGET_TOKEN and FOREMAN_WEBHOOK_SECRET
-    applied."""
+    """The config with FOREMAN_TOKEN, FOREMAN_TARGET_TOKEN, FOREMAN_JOBS_DB and
+    FOREMAN_WEBHOOK_SECRET applied."""
     # An empty variable counts as unset: `FOREMAN_TOKEN=` left over in a service
     # file must not silently switch off the token the config file sets.
     if environ.get("FOREMAN_TOKEN"):
@@ -460,6 +471,9 @@ def with_environment(config: Config, environ: Mapping[str, str]) -> Config:
             config,
             target=dataclasses.replace(config.target, token=environ["FOREMAN_TARGET_TOKEN"]),
         )
+    if environ.get("FOREMAN_JOBS_DB"):  # a URL may carry the database's password
+        config = dataclasses.replace(
+            config, jobs=dataclasses.replace(config.jobs, db=environ["FOREMAN_JOBS_DB"]))
     if environ.get("FOREMAN_WEBHOOK_SECRET"):
         try:
             secret = _webhook_secret(environ["FOREMAN_WEBHOOK_SECRET"])

@@ -186,7 +186,16 @@ def build_daemon(config: Config) -> Daemon:
     inventory = Inventory(client, config.inventory.poll_interval,
                           miss_cooldown=config.inventory.repoll_cooldown,
                           poll_timeout=config.inventory.poll_timeout)
-    store = open_store(config.jobs.db, exclusive=True)
+    store = open_store(config.jobs.db, exclusive=True, host=config.jobs.host_name,
+                       lease_timeout=config.jobs.lease_timeout)
+    try:
+        store.register(())  # its models follow with its first heartbeat
+    except StoreUnavailable as exc:
+        store.close()
+        raise StoreCorrupt(f"{store.location}: {exc.message}") from None
+    except BaseException:
+        store.close()
+        raise
 
     def save_history(model: str, history: ModelHistory) -> None:
         try:

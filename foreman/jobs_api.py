@@ -24,7 +24,7 @@ from .errors import ApiError, json_response
 from .inventory import Inventory
 from .queue_view import QueueView, iso
 from .relay import WSGIApp
-from .store import GENERATION_KINDS, KINDS, STATUSES, Job, JobStore
+from .store import GENERATION_KINDS, KINDS, STATUSES, Job, JobStore, model_key
 from .webhook import WebhookPolicy
 from .worker import JobWorker
 
@@ -34,7 +34,8 @@ PRIORITY_RANGE = (-(2**63), 2**63 - 1)  # SQLite's INTEGER, as Go's int64
 
 
 def render_job(job: Job, position: int | None = None, partial: str | None = None,
-               estimated_start: str | None = None, brief: bool = False) -> bytes:
+               estimated_start: str | None = None, brief: bool = False,
+               wait_reason: str | None = None) -> bytes:
     """A job's JSON document; its stored request and result go in as they are.
     A brief one leaves out the request, the result and the partial text, which
     can be megabytes, for listings that only show what each job is."""
@@ -45,6 +46,10 @@ def render_job(job: Job, position: int | None = None, partial: str | None = None
         "attempts": job.attempts, "error": job.error,
         "position": position, "estimated_start": estimated_start,
     }
+    if job.host:  # a shared store: which host runs it (or ran it)
+        document["host"] = job.host
+    if wait_reason:
+        document["wait_reason"] = wait_reason
     if brief:
         return json.dumps(document).encode()
     if partial is not None:
@@ -91,7 +96,17 @@ class JobsApi:
             else:
                 position = self._store.position(job)
         partial = None if brief else self._worker.progress(job.id)
-        return render_job(job, position, partial, estimated, brief)
+        return render_job(job, position, partial, estimated, brief, self._wait_reason(job))
+
+    def _wait_reason(self, job: Job) -> str | None:
+        """Why a queued job on a shared store cannot run yet: no live host has its model."""
+        if job.status != "queued" or not self._store.shared:
+            return None
+        models = self._store.fleet_models()
+        if models is None or model_key(job.model) in models:
+            return None
+        return (f"no live host has model '{job.model}': it runs when a host whose"
+                " target has it is up")
 
     def submit(self, request: Request) -> WSGIApp:
         body = read_json_object(request, self._budget)
@@ -116,7 +131,8 @@ class JobsApi:
         key = request.headers.get("Idempotency-Key")
         if key is not None and not 0 < len(key) <= 255:
             raise ApiError(400, "Idempotency-Key must be 1 to 255 characters")
-        if self._inventory.known_absent(model):
+        # With a shared store another host's target may have it, or get it later.
+        if not self._store.shared and self._inventory.known_absent(model):
             raise ApiError(404, f"model '{model}' not found")
         job, created = self._store.submit(kind, job_request, priority, webhook, key)
         location = {"Location": f"/jobs/{job.id}"}

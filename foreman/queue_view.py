@@ -77,9 +77,12 @@ class QueueView:
                 entry["estimate"] = f"unknown: {unknown}"
             waiting.append(entry)
         residency = self._scheduler.residency
-        return {"concurrency": self._chat_lane.concurrency, "running": running,
+        view = {"concurrency": self._chat_lane.concurrency, "running": running,
                 "waiting": waiting, "resident": residency.models(),
                 "resident_capacity": residency.capacity, "history": self._estimator.known()}
+        if self._store.shared:  # the fleet sharing the job queue: who is up, with what
+            view["hosts"] = self._store.hosts()
+        return view
 
     def place(self, job: Job) -> tuple[int, str | None]:
         """A queued chat/generate job's position and estimated start, as `snapshot`

@@ -21,7 +21,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Protocol
@@ -144,6 +144,15 @@ def _placeholders(values: Sequence[str]) -> str:
     return ",".join("?" * len(values))
 
 
+def _for_models(available: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
+    """The WHERE clause that keeps jobs for these models (canonical names); None: all."""
+    if available is None:
+        return "", ()
+    if not available:
+        return " AND 1 = 0", ()
+    return f" AND model_key IN ({_placeholders(available)})", tuple(available)
+
+
 def fingerprint(kind: str, request: dict[str, Any], priority: int, webhook: str | None) -> str:
     canonical = json.dumps([kind, request, priority, webhook], sort_keys=True,
                            separators=(",", ":"))
@@ -178,6 +187,7 @@ class JobStore:
     SKIP_LOCKED = ""
     # Several hosts claim from this store (leases, host names, model filters).
     shared = False
+    lease_timeout = 30.0  # seconds a running job's lease lasts unrenewed (shared stores)
 
     def __init__(self, clock: Callable[[], float] = time.time, host: str = "") -> None:
         self._clock = clock
@@ -205,6 +215,38 @@ class JobStore:
 
     def _announce(self, db: Session) -> None:
         """Inside a transaction that adds work: tell other hosts (at commit)."""
+
+    def _cancelled(self, db: Session, job_id: str) -> None:
+        """Inside the transaction that cancels a running job: tell the host running it."""
+
+    # -- the fleet: what a shared store adds (one host: nothing to do) ------------------
+
+    def on_cancel(self, callback: Callable[[str], None]) -> None:
+        """`callback(job_id)` hears of a running job cancelled on another host."""
+
+    def register(self, models: Iterable[str]) -> None:
+        """Take this host's name among the store's hosts (StoreInUse if taken)."""
+
+    def heartbeat(self, models: Iterable[str], running: Iterable[str]) -> set[str]:
+        """This host is alive with these models: renew the leases of its jobs.  Returns
+        which of the jobs it runs (`running`) are no longer its own to run (cancelled,
+        or run again elsewhere after its lease ran out)."""
+        return set()
+
+    def expire_leases(self, max_attempts: int) -> tuple[int, int]:
+        """Put back the jobs of hosts that stopped renewing: (requeued, failed)."""
+        return 0, 0
+
+    def fleet_models(self) -> set[str] | None:
+        """The models some live host has (canonical names); None: one host."""
+        return None
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """The live hosts sharing the store, for /status."""
+        return []
+
+    def leave(self) -> None:
+        """This host stops (its running jobs were put back)."""
 
     def close(self) -> None:
         raise NotImplementedError
@@ -352,20 +394,23 @@ class JobStore:
                        " generation = excluded.generation, load = excluded.load,"
                        " samples = excluded.samples", (model, generation, load, samples))
 
-    def peek(self, kinds: tuple[str, ...]) -> Job | None:
-        """The job `claim` would take now, without taking it."""
-        marks = _placeholders(kinds)
-        rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN ({marks})"
-                          " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1",
-                          (*kinds, self._clock()))
+    def peek(self, kinds: tuple[str, ...], available: Sequence[str] | None = None
+             ) -> Job | None:
+        """The job `claim` would take now (with the same `available`), without taking it."""
+        where, args = _for_models(available)
+        rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN"
+                          f" ({_placeholders(kinds)}){where} AND not_before <= ?"
+                          " ORDER BY priority DESC, seq LIMIT 1", (*kinds, *args, self._clock()))
         return _job(rows[0]) if rows else None
 
-    def queued_models(self, kinds: tuple[str, ...], priority: int) -> list[str]:
+    def queued_models(self, kinds: tuple[str, ...], priority: int,
+                      available: Sequence[str] | None = None) -> list[str]:
         """The models of the ready jobs of these kinds at `priority`, as written."""
+        where, args = _for_models(available)
         return [r["model"] for r in self._read(
             f"SELECT DISTINCT model FROM jobs WHERE status = 'queued'"
-            f" AND kind IN ({_placeholders(kinds)}) AND priority = ? AND not_before <= ?",
-            (*kinds, priority, self._clock()))]
+            f" AND kind IN ({_placeholders(kinds)}){where} AND priority = ? AND not_before <= ?",
+            (*kinds, *args, priority, self._clock()))]
 
     def line(self, kinds: tuple[str, ...], ahead_of: Job | None = None) -> list[Queued]:
         """Queued jobs of these kinds in the order workers will claim them; with
@@ -403,11 +448,9 @@ class JobStore:
         if models and priority is not None:
             where += f" AND priority = ? AND model IN ({_placeholders(models)})"
             args += (priority, *models)
-        if available is not None:
-            if not available:
-                return None
-            where += f" AND model_key IN ({_placeholders(available)})"
-            args += tuple(available)
+        available_where, available_args = _for_models(available)
+        where += available_where
+        args += available_args
         lease, lease_args = self._lease()
         with self._write() as db:
             row = db.execute(
@@ -491,7 +534,10 @@ class JobStore:
                 return _job(row), "final"
             db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ?,"
                        " error = 'cancelled by request' WHERE id = ?", (self._clock(), job_id))
+            if was == "running":
+                self._cancelled(db, job_id)
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        assert row is not None
         return _job(row), was
 
     def delete(self, job_id: str) -> str:
@@ -534,4 +580,4 @@ def open_store(location: str, *, exclusive: bool = False, host: str = "",
                 " pip install -r requirements-postgres.txt") from None
         return PostgresStore(location, host=host, lease_timeout=lease_timeout, clock=clock)
     from .store_sqlite import SqliteStore
-    return SqliteStore(location, clock, exclusive, host)
+    return SqliteStore(location, clock, exclusive)  # one host: no host names to keep

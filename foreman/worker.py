@@ -94,12 +94,16 @@ class JobWorker:
               for i in range(embed_workers)),
             threading.Thread(target=self._maintain, name="foreman-job-maint", daemon=True),
         ]
+        if store.shared:
+            self._threads.append(threading.Thread(target=self._keep_leases,
+                                                  name="foreman-job-leases", daemon=True))
 
     def start(self) -> None:
         requeued, failed = self._store.recover_orphans(self._max_attempts)
         if requeued or failed:
             log.warning("recovered jobs interrupted by a restart: %d requeued, %d failed",
                         requeued, failed)
+        self._store.on_cancel(self.abort)  # a job cancelled on another host, run here
         for thread in self._threads:
             thread.start()
 
@@ -120,6 +124,10 @@ class JobWorker:
             item.abort.abort()
         for thread in self._threads:
             thread.join(5)
+        try:
+            self._store.leave()
+        except StoreUnavailable as exc:
+            log.error("could not leave the shared job store: %s", exc.message)
 
     # -- what the API shows -----------------------------------------------------
 
@@ -172,7 +180,8 @@ class JobWorker:
             # generation (or the watchdog's probe) to complete again.
             self._watchdog.wait_until_answering(1.0)
             return
-        head = self._store.peek(kinds)
+        available = self._available()
+        head = self._store.peek(kinds, available)
         if head is None:
             ready_at = self._store.next_ready_at(kinds)
             wait = 1.0 if ready_at is None else max(0.0, min(1.0, ready_at - time.time()))
@@ -185,7 +194,7 @@ class JobWorker:
         except WaitCancelled:
             return  # shutting down
         try:
-            job = self._claim(kinds, lane, head) if not self._stop.is_set() else None
+            job = self._claim(kinds, lane, head, available) if not self._stop.is_set() else None
             if job is not None:
                 work.label, work.model = job.id, job.model
                 work.resident = self._inventory.is_loaded(job.model)
@@ -193,27 +202,67 @@ class JobWorker:
         finally:
             ticket.release()
 
-    def _claim(self, kinds: tuple[str, ...], lane: Lane, head: Job) -> Job | None:
+    def _available(self) -> list[str] | None:
+        """The models this host may claim jobs for: with a shared store, those its own
+        target has (other hosts run the rest); with its own store, any."""
+        if not self._store.shared:
+            return None
+        return sorted(self._inventory.snapshot.names)
+
+    def _claim(self, kinds: tuple[str, ...], lane: Lane, head: Job,
+               available: list[str] | None) -> Job | None:
         """The next job: the first in line (`head`, as peeked before the turn came), or
         one for a resident model when the chat slot's scheduler prefers it (jobs of
         one model then run together)."""
+        store = self._store
         scheduler = lane.scheduler
         model = canonical_model_name(head.model)
         if scheduler is None or model in scheduler.residency.models():
-            return self._store.claim(kinds)  # the usual case inside a group: no reorder
-        head = self._store.peek(kinds) or head  # priorities may have changed meanwhile
+            # The usual case inside a group: no reorder.
+            return store.claim(kinds, available=available)
+        head = store.peek(kinds, available) or head  # priorities may have changed meanwhile
         model = canonical_model_name(head.model)
         models, reason = scheduler.preferred(
             Candidate(head.id, BATCH, head.priority, model),
-            self._store.queued_models(kinds, head.priority))
-        job = self._store.claim(kinds, models, head.priority) if models else None
+            store.queued_models(kinds, head.priority, available))
+        job = store.claim(kinds, models, head.priority, available) if models else None
         if job is None:
-            job = self._store.claim(kinds)
+            job = store.claim(kinds, available=available)
         elif job.id != head.id:
             log.debug("job %s claimed before job %s: %s", job.id, head.id, reason)
         if job is not None:
             scheduler.forget(job.id)
         return job
+
+    def _keep_leases(self) -> None:
+        """With a shared store: renew this host's leases (a third of their length
+        apart, so two missed renewals still keep them), say which models it has (at
+        once when they change), and put back the jobs of hosts that stopped renewing
+        theirs."""
+        interval = self._store.lease_timeout / 3
+        said: frozenset[str] | None = None
+        renewed_at = -interval
+        while not self._stop.is_set():
+            models = self._inventory.snapshot.names
+            if models != said or time.monotonic() - renewed_at >= interval:
+                try:
+                    with self._lock:
+                        running = list(self._running)
+                    for job_id in self._store.heartbeat(models, running):
+                        # A cancel whose announcement was missed, or a lease that ran
+                        # out (this host was asleep) and another host's run since.
+                        log.warning("job %s is no longer this host's to run: cut", job_id)
+                        self.abort(job_id)
+                    said, renewed_at = frozenset(models), time.monotonic()
+                    requeued, failed = self._store.expire_leases(self._max_attempts)
+                    if requeued or failed:
+                        log.warning("jobs of a host that stopped renewing its leases:"
+                                    " %d requeued, %d failed", requeued, failed)
+                except StoreUnavailable as exc:
+                    log.error("job leases not renewed: %s", exc.message)
+            # Until the next renewal is due, or the target's models change.
+            self._inventory.wait_for(lambda snapshot, said=said: snapshot.names != said
+                                     or self._stop.is_set(), min(1.0, interval))
 
     def _maintain(self) -> None:
         while True:

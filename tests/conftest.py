@@ -17,6 +17,7 @@ from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
 from foreman.logs import configure_logging
 from tests.fake_ollama import FakeOllama
+from tests.postgres import Cluster, start_cluster
 from tests.receiver import Receiver
 
 # Every inbound token a test gives foreman, and every target token.  None may ever
@@ -143,3 +144,9 @@ def receivers() -> Iterator[Callable[..., Receiver]]:
 @pytest.fixture
 def foreman(make_foreman: Callable[..., Daemon]) -> Daemon:
     return make_foreman()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Cluster]:
+    """A throwaway PostgreSQL cluster for the session (skips locally without one)."""
+    yield from start_cluster()

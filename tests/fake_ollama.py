@@ -133,6 +133,9 @@ class Stats:
     embeds_peak: int = 0
     gone: list[str] = field(default_factory=list)  # paths of streams whose client left
     gone_at: list[float] = field(default_factory=list)  # time.monotonic() of each
+    # (options.tag, start, end) of each generation, ended or cut: whether two targets
+    # ever ran one job at once.
+    runs: list[tuple[str, float, float]] = field(default_factory=list)
     completed: list[str] = field(default_factory=list)  # paths of generations that finished
     started_at: list[float] = field(default_factory=list)  # time.monotonic() per generation
     finished_at: list[float] = field(default_factory=list)
@@ -495,6 +498,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.cond.notify_all()
         knobs = self._knobs(body)
         gpu = fake.gpu
+        began = time.monotonic()
         try:
             if gpu is not None:
                 gpu.lock.acquire()
@@ -522,6 +526,8 @@ class _Handler(BaseHTTPRequestHandler):
                 gpu.lock.release()
             with fake.cond:
                 fake.stats.generations_active -= 1
+                tag = str((body.get("options") or {}).get("tag", ""))
+                fake.stats.runs.append((tag, began, time.monotonic()))
                 fake.cond.notify_all()
 
     def _timed(self, final: dict[str, Any], started: float) -> dict[str, Any]:

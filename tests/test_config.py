@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from foreman.config import ConfigError, load_config, parse_config, parse_duration, parse_size
+from foreman.store import StoreCorrupt, open_store
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -142,3 +144,26 @@ def test_redacted_hides_secrets_and_resolves_threads() -> None:
     assert "pw" not in shown["target"]["url"] and "gpu:11434" in shown["target"]["url"]
     assert shown["server"]["threads"] == config.threads == 81 + 64  # both lanes waiting
     assert parse_config({"server": {"threads": 7}}).threads == 7
+
+
+def test_a_postgresql_store_url_is_redacted_and_may_come_from_the_environment(
+        tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("jobs:\n  db: postgresql://foreman:hunter2@db.lan/jobs\n")
+    config = load_config(str(path), environ={})
+    assert config.jobs.db == "postgresql://foreman:hunter2@db.lan/jobs"
+    assert "hunter2" not in str(config.redacted())
+    assert config.redacted()["jobs"]["db"] == "postgresql://<redacted>@db.lan/jobs"
+    assert config.jobs.host_name and config.jobs.lease_timeout == 30.0
+    env = {"FOREMAN_JOBS_DB": "postgresql://foreman:other@db2.lan/jobs"}
+    assert load_config(str(path), environ=env).jobs.db.endswith("@db2.lan/jobs")
+    with pytest.raises(ConfigError, match="lease_timeout"):
+        parse_config({"jobs": {"lease_timeout": "1s"}})
+
+
+def test_without_the_postgresql_driver_the_error_names_the_file_to_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if not installed
+    monkeypatch.delitem(sys.modules, "foreman.store_postgres", raising=False)
+    with pytest.raises(StoreCorrupt, match=r"requirements-postgres\.txt"):
+        open_store("postgresql://foreman@127.0.0.1:9/jobs", host="h")

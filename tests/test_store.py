@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +13,7 @@ import requests
 
 from foreman.daemon import Daemon
 from foreman.errors import ApiError
-from foreman.store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable
+from foreman.store import JobStore, StoreCorrupt, StoreInUse, StoreUnavailable, open_store
 from foreman.store_sqlite import SqliteStore
 
 
@@ -30,12 +30,20 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def store(tmp_path: Path, clock: Clock) -> JobStore:
-    return SqliteStore(str(tmp_path / "jobs.db"), clock=clock)
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock) -> Iterator[JobStore]:
+    """The contract: every test on this fixture runs against both backends."""
+    if request.param == "sqlite":
+        opened: JobStore = SqliteStore(str(tmp_path / "jobs.db"), clock=clock)
+    else:
+        cluster = request.getfixturevalue("postgres")
+        opened = open_store(cluster.database(), host="here", clock=clock)
+    yield opened
+    opened.close()
 
 
-def test_settings_make_commits_durable(store: JobStore) -> None:
+def test_settings_make_commits_durable(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "jobs.db"))
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
 
