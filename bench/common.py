@@ -71,13 +71,15 @@ def start_fake() -> Child:
     return Child(["-m", "tests.fake_ollama"], r"listening on (http://\S+)")
 
 
-def start_foreman(target_url: str, extra: str = "", target_extra: str = "") -> Child:
+def start_foreman(target_url: str, extra: str = "", target_extra: str = "",
+                  db: str = "", jobs_extra: str = "") -> Child:
     """foreman on an ephemeral port; `extra` is YAML for other sections, `target_extra`
-    indented lines for the target section."""
+    and `jobs_extra` indented lines for the target and jobs sections; `db` the job
+    store (default: a new SQLite file)."""
     folder = Path(tempfile.mkdtemp())
     config = folder / "bench.yaml"
     config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {target_url}\n{target_extra}"
-                      f"jobs:\n  db: {folder / 'bench.db'}\n{extra}")
+                      f"jobs:\n  db: {db or folder / 'bench.db'}\n{jobs_extra}{extra}")
     child = Child(["foreman.py", "-c", str(config)], r"foreman serving on (http://\S+),",
                   stream="stderr")
     deadline = time.monotonic() + 10

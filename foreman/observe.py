@@ -55,8 +55,15 @@ def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, invento
                      " for those generations, by model.",
                      lambda: [((("model", m),), t) for m, _, t in estimator.loads()],
                      kind="counter")
-    metrics.register("foreman_build_info", "foreman's version.",
-                  lambda: [((("version", __version__),), 1)])
+    metrics.register("foreman_build_info", "foreman's version (and its host's name in a"
+                     " fleet sharing one job store).",
+                     lambda: [((("version", __version__),
+                                *((("host", store.host),) if store.shared else ())), 1)])
+    if store.shared:
+        metrics.register("foreman_fleet_jobs_running", "Jobs running on each live host"
+                         " sharing the job store.",
+                         lambda: [((("host", h["name"]),), len(h["running"]))
+                                  for h in store.hosts()])
 
 
 def status_page() -> bytes:

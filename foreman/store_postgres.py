@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import psycopg
 from psycopg import errors as pg_errors
 
+from .config import redact_url
 from .store import (
     BUSY_TIMEOUT,
     JobStore,
@@ -94,15 +95,6 @@ CREATE TABLE IF NOT EXISTS hosts (
 _PLACEHOLDER = re.compile(r"\?")
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for logs and `--check`."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":<redacted>@", 1)
-    return parts._replace(netloc=netloc).geturl()
-
-
 class _Row(dict[str, Any]):
     """A row read by column name, as the shared logic reads SQLite's rows."""
 
@@ -148,7 +140,7 @@ class PostgresStore(JobStore):
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
         except StoreUnavailable as exc:
-            raise StoreCorrupt(f"{redact(url)}: cannot open the job database: {exc.message}"
+            raise StoreCorrupt(f"{redact_url(url)}: cannot open the job database: {exc.message}"
                                ) from None
         # Own announcements come back to our listener too: they carry this mark.
         self._mark = uuid.uuid4().hex[:12]
@@ -159,7 +151,7 @@ class PostgresStore(JobStore):
 
     @property
     def location(self) -> str:
-        return redact(self.url)
+        return redact_url(self.url)
 
     # -- connections ----------------------------------------------------------------
 
@@ -304,8 +296,14 @@ class PostgresStore(JobStore):
     def hosts(self) -> list[dict[str, Any]]:
         rows = self._read(f"SELECT name, {_NOW} - seen_at AS age, models FROM hosts"
                           f" WHERE {_NOW} - seen_at < ? ORDER BY name", (self.lease_timeout,))
+        running: dict[str, list[dict[str, str]]] = {}
+        for job in self._read("SELECT id, model, host FROM jobs WHERE status = 'running'"
+                              " ORDER BY started_at"):
+            running.setdefault(job["host"], []).append({"job_id": job["id"],
+                                                        "model": job["model"]})
         return [{"name": r["name"], "seen_seconds_ago": round(r["age"], 1),
-                 "models": json.loads(r["models"])} for r in rows]
+                 "models": json.loads(r["models"]), "running": running.get(r["name"], [])}
+                for r in rows]
 
     def leave(self) -> None:
         with self._write() as db:

@@ -67,8 +67,9 @@ def _unavailable(reason: str) -> None:
                 " requirements-postgres.txt); CI runs these tests")
 
 
-def start_cluster() -> Iterator[Cluster]:
-    """A running cluster for the session (a generator, for a fixture)."""
+def start_cluster(durable: bool = False) -> Iterator[Cluster]:
+    """A running cluster for the session (a generator, for a fixture); `durable`:
+    with fsync, as a real server runs (the benchmarks), not without (the tests)."""
     try:
         import psycopg  # noqa: F401
     except ImportError:
@@ -87,8 +88,8 @@ def start_cluster() -> Iterator[Cluster]:
     subprocess.run([*as_user, f"{binaries}/initdb", "-D", data, "-A", "trust", "-U",
                     "postgres", "-E", "UTF8", "--no-sync"],
                    check=True, capture_output=True, timeout=120)
-    options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-               " -c max_connections=200")
+    options = (f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+               f" -c fsync={'on' if durable else 'off'} -c max_connections=200")
     subprocess.run([*as_user, f"{binaries}/pg_ctl", "-D", data, "-o", options, "-l",
                     os.path.join(folder, "log"), "-w", "-t", "60", "start"],
                    check=True, capture_output=True, timeout=90)

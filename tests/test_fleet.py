@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import itertools
 import random
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,10 +20,10 @@ import requests
 from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
 from foreman.store import JobStore, StoreInUse, model_key, open_store
-from tests.conftest import config_data
+from tests.conftest import LogStream, config_data
 from tests.fake_ollama import FakeOllama
 from tests.postgres import Cluster
-from tests.procs import ForemanProcess
+from tests.procs import ROOT, ForemanProcess
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -90,9 +92,12 @@ def test_jobs_run_on_the_host_whose_target_has_their_model(
     listed = requests.get(f"{second.url}/jobs?limit=50", timeout=5).json()["jobs"]
     assert {job["id"] for job in listed} == {job["id"] for job in [*jobs, nowhere]}
     hosts = requests.get(f"{first.url}/queue", timeout=5).json()["hosts"]
-    assert [(h["name"], h["models"]) for h in hosts] == [
-        ("first", ["registry.ollama.ai/library/alpha:latest"]),
-        ("second", ["registry.ollama.ai/library/beta:latest"])]
+    assert [(h["name"], h["models"], h["running"]) for h in hosts] == [
+        ("first", ["registry.ollama.ai/library/alpha:latest"], []),
+        ("second", ["registry.ollama.ai/library/beta:latest"], [])]
+    metrics = requests.get(f"{second.url}/metrics", timeout=5).text
+    assert 'foreman_fleet_jobs_running{host="first"} 0' in metrics
+    assert 'host="second"' in metrics.split("foreman_build_info{")[1].split("}")[0]
 
 
 def test_a_second_live_host_with_the_same_name_is_refused(
@@ -109,6 +114,9 @@ def test_cancelling_on_one_host_aborts_the_run_on_another_within_a_second(
     slow.token_delay, slow.tokens = 0.05, 400  # 20 s unless cut
     job = submit(asker.url, "alpha")
     assert slow.wait_for(lambda: slow.stats.generations_active == 1, 10)
+    hosts = requests.get(f"{asker.url}/queue", timeout=5).json()["hosts"]
+    assert {h["name"]: h["running"] for h in hosts} == {
+        "asker": [], "runner": [{"job_id": job["id"], "model": "alpha"}]}  # who runs what
     cancelled = requests.post(f"{asker.url}/jobs/{job['id']}/cancel", timeout=5)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     asked_at = time.monotonic()
@@ -274,3 +282,59 @@ def test_twenty_random_kills_under_load_lose_no_job_and_never_run_one_twice_at_o
                 host.kill()
         for target in targets.values():
             target.stop()
+
+
+def test_the_database_password_is_never_logged_nor_shown(
+        postgres: Cluster, tmp_path: Path, log_text: LogStream) -> None:
+    """The cluster trusts loopback, so any password connects: it is only carried."""
+    url = postgres.database().replace("postgres@", "postgres:s3cret-pw@")
+    fake = FakeOllama(models=("alpha:latest",)).start()
+    config = tmp_path / "c.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n"
+                      f"jobs:\n  db: {url}\n  host_name: quiet\n")
+    try:
+        checked = subprocess.run([sys.executable, str(ROOT / "foreman.py"), "-c", str(config),
+                                  "--check"], capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stderr
+        assert "s3cret-pw" not in checked.stdout + checked.stderr
+        assert "postgresql://<redacted>@127.0.0.1" in checked.stdout
+        daemon = build_daemon(parse_config(config_data(
+            fake.url, tmp_path, jobs={"db": url, "host_name": "quiet"})))
+        daemon.start()
+        submit(daemon.url, "alpha")
+        daemon.shutdown(drain_timeout=2)
+        assert log_text.wait_for("job store postgresql://<redacted>@127.0.0.1")
+        assert "s3cret-pw" not in log_text.getvalue()
+    finally:
+        fake.stop()
+
+
+def test_a_second_process_with_a_live_hosts_name_exits_2_naming_it(
+        fleet: Callable[..., tuple[Daemon, FakeOllama]], tmp_path: Path, database: str
+) -> None:
+    _, fake = fleet("studio", "alpha:latest")
+    config = tmp_path / "twin.yaml"
+    config.write_text(f"listen: 127.0.0.1:0\ntarget:\n  url: {fake.url}\n"
+                      f"jobs:\n  db: {database}\n  host_name: studio\n")
+    twin = subprocess.run([sys.executable, str(ROOT / "foreman.py"), "-c", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert twin.returncode == 2
+    assert "host name 'studio'" in twin.stderr and "Traceback" not in twin.stderr
+
+
+def test_new_work_wakes_an_idle_host_at_once_not_at_its_next_poll(
+        fleet: Callable[..., tuple[Daemon, FakeOllama]]) -> None:
+    """An idle worker waits at most a second before it looks again; the announcement
+    of a job submitted on another host must wake it well before that."""
+    _, target = fleet("idle", "alpha:latest")
+    front, _ = fleet("front", "beta:latest")
+    delays = []
+    for _ in range(5):
+        time.sleep(0.3)  # the idle host's worker is waiting again
+        seen = len(target.requests_to("/api/chat"))
+        sent = time.monotonic()
+        submit(front.url, "alpha")
+        assert target.wait_for(lambda seen=seen: len(target.requests_to("/api/chat")) > seen,
+                               5)
+        delays.append(time.monotonic() - sent)
+    assert max(delays) < 0.5, delays
