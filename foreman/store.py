@@ -452,21 +452,15 @@ class JobStore:
         where += available_where
         args += available_args
         lease, lease_args = self._lease()
-        with self._write() as db:
-            row = db.execute(
-                f"SELECT id FROM jobs WHERE status = 'queued' AND {where}"
-                " AND not_before <= ? ORDER BY priority DESC, seq LIMIT 1" + self.SKIP_LOCKED,
-                (*args, now),
-            ).fetchone()
-            if row is None:
-                return None
-            db.execute("UPDATE jobs SET status = 'running', attempts = attempts + 1,"
-                       f" started_at = ?, host = ?, lease_until = {lease}"
-                       " WHERE id = ? AND status = 'queued'",
-                       (now, self.host or None, *lease_args, row["id"]))
-            claimed = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
-        assert claimed is not None
-        return _job(claimed)
+        with self._write() as db:  # one statement: one round trip to a database server
+            claimed = db.execute(
+                "UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = ?,"
+                f" host = ?, lease_until = {lease} WHERE status = 'queued' AND id = ("
+                f"SELECT id FROM jobs WHERE status = 'queued' AND {where} AND not_before <= ?"
+                f" ORDER BY priority DESC, seq LIMIT 1{self.SKIP_LOCKED}) RETURNING *",
+                (now, self.host or None, *lease_args, *args, now),
+            ).fetchall()
+        return _job(claimed[0]) if claimed else None
 
     def finish(self, job: Job, status: str, result_json: str | None = None,
                error: str | None = None) -> Job | None:
