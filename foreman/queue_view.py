@@ -84,7 +84,7 @@ class QueueView:
             view["hosts"] = self._store.hosts()
         return view
 
-    def place(self, job: Job) -> tuple[int, str | None]:
+    def place(self, job: Job) -> tuple[int | None, str | None]:
         """A queued chat/generate job's position and estimated start, as `snapshot`
         shows them."""
         now = time.time()
@@ -94,7 +94,7 @@ class QueueView:
                                                         now):
             if turn.ident.get("job_id") == job.id:
                 return position, iso(start)
-        return 0, None  # claimed or gone since it was read
+        return None, None  # claimed or gone since it was read, or another host's to run
 
     def _running(self, holders: list[Work], now: float
                  ) -> tuple[list[dict[str, Any]], list[float | None]]:
@@ -121,7 +121,8 @@ class QueueView:
         turns = [Turn(w.kind, w.model, {"request_id": w.label}, w.enqueued_at)
                  for w in line if w.tier == INTERACTIVE]
         return turns + [Turn("job", q.model, {"job_id": q.id}, q.created_at, BATCH, q.priority)
-                        for q in self._store.line(GENERATION_KINDS)]
+                        for q in self._store.line(GENERATION_KINDS,
+                                                  available=self._worker.available())]
 
     def _schedule(self, turns: list[Turn], holders: list[Work], free_at: list[float | None],
                   now: float) -> Iterator[tuple[Turn, int, float | None, str | None, bool]]:

@@ -412,12 +412,15 @@ class JobStore:
             f" AND kind IN ({_placeholders(kinds)}){where} AND priority = ? AND not_before <= ?",
             (*kinds, *args, priority, self._clock()))]
 
-    def line(self, kinds: tuple[str, ...], ahead_of: Job | None = None) -> list[Queued]:
+    def line(self, kinds: tuple[str, ...], ahead_of: Job | None = None,
+             available: Sequence[str] | None = None) -> list[Queued]:
         """Queued jobs of these kinds in the order workers will claim them; with
-        `ahead_of`, only those that come before that job."""
+        `ahead_of`, only those that come before that job; with `available`, only
+        those for these models (what this host can claim)."""
+        where, models = _for_models(available)
         sql = (f"SELECT id, model, created_at, priority FROM jobs"
-               f" WHERE status = 'queued' AND kind IN ({_placeholders(kinds)})")
-        args: tuple[Any, ...] = kinds
+               f" WHERE status = 'queued' AND kind IN ({_placeholders(kinds)}){where}")
+        args: tuple[Any, ...] = (*kinds, *models)
         if ahead_of is not None:
             sql += f" AND {_AHEAD_OF}"
             args += (ahead_of.priority, ahead_of.priority, ahead_of.seq)

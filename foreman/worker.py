@@ -180,7 +180,7 @@ class JobWorker:
             # generation (or the watchdog's probe) to complete again.
             self._watchdog.wait_until_answering(1.0)
             return
-        available = self._available()
+        available = self.available()
         head = self._store.peek(kinds, available)
         if head is None:
             ready_at = self._store.next_ready_at(kinds)
@@ -202,7 +202,7 @@ class JobWorker:
         finally:
             ticket.release()
 
-    def _available(self) -> list[str] | None:
+    def available(self) -> list[str] | None:
         """The models this host may claim jobs for: with a shared store, those its own
         target has (other hosts run the rest); with its own store, any."""
         if not self._store.shared:

@@ -89,6 +89,9 @@ def test_jobs_run_on_the_host_whose_target_has_their_model(
     waiting = requests.get(f"{first.url}/jobs/{nowhere['id']}", timeout=5).json()
     assert waiting["status"] == "queued"
     assert "no live host has model 'gamma'" in waiting["wait_reason"]
+    # Not in this host's line (nor any host's): no place and no estimate to give.
+    assert waiting["position"] is None and waiting["estimated_start"] is None
+    assert requests.get(f"{first.url}/queue", timeout=5).json()["waiting"] == []
     listed = requests.get(f"{second.url}/jobs?limit=50", timeout=5).json()["jobs"]
     assert {job["id"] for job in listed} == {job["id"] for job in [*jobs, nowhere]}
     hosts = requests.get(f"{first.url}/queue", timeout=5).json()["hosts"]

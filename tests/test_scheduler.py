@@ -394,7 +394,7 @@ def test_the_view_charges_jobs_the_interactive_work_to_come_and_the_reload_after
     estimator = Estimator([(A, 0.2, 5.0, 10), (B, 0.2, 5.0, 10)])
     lane = Lane("chat slot", 1, 10, scheduler=policy)
     store = SqliteStore(str(tmp_path / "jobs.db"))
-    worker = SimpleNamespace(chunks=lambda job_id: 0)
+    worker = SimpleNamespace(chunks=lambda job_id: 0, available=lambda: None)
     view = QueueView(lane, store, worker, estimator, policy)  # type: ignore[arg-type]
     running = lane.acquire(Work("job", "b", tier=BATCH, label="j0", resident=True))
     for _ in range(2):
