@@ -214,7 +214,8 @@ def build_daemon(config: Config) -> Daemon:
                          work.model, held, work.resident, work.final),
                      scheduler=scheduler)
     embed_lane = Lane("embed lane", config.embed.concurrency, config.embed.max_queue)
-    metrics = Metrics()
+    # Each host of a fleet is scraped on its own: its name goes on every series.
+    metrics = Metrics((("host", config.jobs.host_name),) if store.shared else ())
     watcher = ClientWatcher()
     watchdog = Watchdog(client, watcher, chat_lane,
                         first_token_timeout=config.target.first_token_timeout,
@@ -248,7 +249,8 @@ def build_daemon(config: Config) -> Daemon:
         return watchdog.health(inventory.snapshot)
 
     observe = ObserveApi(queue, metrics, target_health)
-    register_gauges(metrics, chat_lane, embed_lane, inventory, store, target_health, estimator)
+    register_gauges(metrics, chat_lane, embed_lane, inventory, store, target_health, estimator,
+                    worker.running_count)
     public = {api.health, observe.status}
     if config.metrics.public:
         public.add(observe.metrics)

@@ -68,7 +68,9 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, labels: Labels = ()) -> None:
+        """`labels` go on every series (a fleet's host name: one scrape per host)."""
+        self._constant = labels
         self._lock = threading.Lock()
         self._requests: dict[Labels, int] = {}
         self._chunks = 0
@@ -110,10 +112,10 @@ class Metrics:
         with self._lock:
             family("foreman_requests_total", "counter", "HTTP requests answered, by route.")
             for labels, value in sorted(self._requests.items()):
-                out.append(f"foreman_requests_total{_labels(labels)} {value}")
+                out.append(f"foreman_requests_total{self._labels(labels)} {value}")
             family("foreman_streamed_chunks_total", "counter",
                    "Stream chunks relayed from the target to clients.")
-            out.append(f"foreman_streamed_chunks_total {self._chunks}")
+            out.append(f"foreman_streamed_chunks_total{self._labels(())} {self._chunks}")
             self._histogram(out, family, "foreman_chat_wait_seconds",
                             "Time interactive requests waited for the chat slot.", self._wait)
             self._histogram(out, family, "foreman_job_run_seconds",
@@ -122,17 +124,21 @@ class Metrics:
         for metric in self._read_at_scrape:
             family(metric.name, metric.kind, metric.help)
             for labels, value in metric.read():
-                out.append(f"{metric.name}{_labels(labels)} {_number(value)}")
+                out.append(f"{metric.name}{self._labels(labels)} {_number(value)}")
         return ("\n".join(out) + "\n").encode()
 
-    @staticmethod
-    def _histogram(out: list[str], family: Callable[[str, str, str], None], name: str,
+    def _labels(self, labels: Labels, extra: str = "") -> str:
+        return _labels(self._constant + labels, extra)
+
+    def _histogram(self, out: list[str], family: Callable[[str, str, str], None], name: str,
                    help: str, histogram: Histogram) -> None:
         family(name, "histogram", help)
         cumulative = 0
         for bound, count in zip(histogram.buckets, histogram.counts, strict=True):
             cumulative += count
-            out.append(f'{name}_bucket{{le="{_number(bound)}"}} {cumulative}')
-        out.append(f'{name}_bucket{{le="+Inf"}} {histogram.samples}')
-        out.append(f"{name}_sum {_number(histogram.total)}")
-        out.append(f"{name}_count {histogram.samples}")
+            le = f'le="{_number(bound)}"'
+            out.append(f"{name}_bucket{self._labels((), le)} {cumulative}")
+        infinity = 'le="+Inf"'
+        out.append(f"{name}_bucket{self._labels((), infinity)} {histogram.samples}")
+        out.append(f"{name}_sum{self._labels(())} {_number(histogram.total)}")
+        out.append(f"{name}_count{self._labels(())} {histogram.samples}")

@@ -30,7 +30,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, inventory: Inventory,
                     store: JobStore, target: Callable[[], TargetHealth],
-                    estimator: Estimator) -> None:
+                    estimator: Estimator, running_here: Callable[[], int]) -> None:
     """Gauges and counters read from their owners at scrape time."""
     metrics.register("foreman_chat_waiting", "Interactive requests and job workers waiting for "
                   "the chat slot.", lambda: [((), chat_lane.waiting)])
@@ -55,15 +55,11 @@ def register_gauges(metrics: Metrics, chat_lane: Lane, embed_lane: Lane, invento
                      " for those generations, by model.",
                      lambda: [((("model", m),), t) for m, _, t in estimator.loads()],
                      kind="counter")
-    metrics.register("foreman_build_info", "foreman's version (and its host's name in a"
-                     " fleet sharing one job store).",
-                     lambda: [((("version", __version__),
-                                *((("host", store.host),) if store.shared else ())), 1)])
-    if store.shared:
-        metrics.register("foreman_fleet_jobs_running", "Jobs running on each live host"
-                         " sharing the job store.",
-                         lambda: [((("host", h["name"]),), len(h["running"]))
-                                  for h in store.hosts()])
+    metrics.register("foreman_build_info", "foreman's version.",
+                  lambda: [((("version", __version__),), 1)])
+    if store.shared:  # foreman_jobs counts the whole fleet's queue; this, this host's part
+        metrics.register("foreman_jobs_running_here", "Jobs this host is running, of a job"
+                         " store shared by a fleet.", lambda: [((), running_here())])
 
 
 def status_page() -> bytes:

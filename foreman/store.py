@@ -176,7 +176,7 @@ class Session(Protocol):
 
 class JobStore:
     """The contract.  A backend provides `_transaction` (one write transaction),
-    `_query` (one read, never behind a writer), `close`, `location`, and overrides
+    `_read` (one query, never behind a writer), `close`, `location`, and overrides
     the class attributes below where its SQL differs."""
 
     # Appended to a SELECT that the transaction then updates: SQLite's write
@@ -210,7 +210,7 @@ class JobStore:
     def _transaction(self) -> AbstractContextManager[Session]:
         raise NotImplementedError
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         raise NotImplementedError
 
     def _announce(self, db: Session) -> None:
@@ -274,9 +274,6 @@ class JobStore:
         with self._work:
             self._work_version += 1
             self._work.notify_all()
-
-    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
-        return self._query(sql, args)
 
     def wait_for_change(self, seen: int, timeout: float) -> int:
         """Block until any write after version `seen`, or timeout; return the version."""

@@ -95,27 +95,24 @@ CREATE TABLE IF NOT EXISTS hosts (
 _PLACEHOLDER = re.compile(r"\?")
 
 
-class _Row(dict[str, Any]):
-    """A row read by column name, as the shared logic reads SQLite's rows."""
-
-
-def _rows(cursor: psycopg.Cursor[Any]) -> Callable[[Sequence[Any]], _Row]:
+def _rows(cursor: psycopg.Cursor[Any]) -> Callable[[Sequence[Any]], dict[str, Any]]:
+    """Rows read by column name, as the shared logic reads SQLite's rows."""
     names = [column.name for column in cursor.description or ()]
-    return lambda values: _Row(zip(names, values, strict=True))
+    return lambda values: dict(zip(names, values, strict=True))
 
 
 class _Session:
     """A connection as the shared logic speaks to it: `?` placeholders."""
 
     def __init__(self, connection: psycopg.Connection[Any]) -> None:
-        self._connection = connection
+        self.connection = connection
         self._texts: dict[str, str] = {}
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
         text = self._texts.get(sql)
         if text is None:
             text = self._texts[sql] = _PLACEHOLDER.sub("%s", sql.replace("%", "%%"))
-        return self._connection.execute(text, tuple(args))  # type: ignore[arg-type]
+        return self.connection.execute(text, tuple(args))  # type: ignore[arg-type]
 
 
 class PostgresStore(JobStore):
@@ -167,19 +164,19 @@ class PostgresStore(JobStore):
     @contextmanager
     def _transaction(self) -> Iterator[Session]:
         with self._lock:
-            if self._writer is None or self._writer._connection.closed:
+            if self._writer is None or self._writer.connection.closed:
                 self._writer = _Session(self._connect(autocommit=False))
             writer = self._writer
             try:
-                with writer._connection.transaction():
+                with writer.connection.transaction():
                     yield writer  # type: ignore[misc]
             except pg_errors.UniqueViolation:
                 raise KeyTaken() from None
             except psycopg.OperationalError as exc:
-                writer._connection.close()  # a new connection next time
+                writer.connection.close()  # a new connection next time
                 raise StoreUnavailable(_said(exc, self.url)) from None
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         try:
             reader = self._readers.get_nowait()
         except queue.Empty:
@@ -187,7 +184,7 @@ class PostgresStore(JobStore):
         try:
             rows: list[Row] = reader.execute(sql, args).fetchall()
         except psycopg.OperationalError as exc:
-            reader._connection.close()
+            reader.connection.close()
             raise StoreUnavailable(_said(exc, self.url)) from None
         self._readers.put(reader)
         return rows
@@ -196,10 +193,10 @@ class PostgresStore(JobStore):
         self._closing.set()
         with self._lock:
             if self._writer is not None:
-                self._writer._connection.close()
+                self._writer.connection.close()
         while True:
             try:
-                self._readers.get_nowait()._connection.close()
+                self._readers.get_nowait().connection.close()
             except queue.Empty:
                 break
         self._listener.join(5)

@@ -176,7 +176,7 @@ class SqliteStore(JobStore):
             except sqlite3.OperationalError as exc:
                 raise StoreUnavailable(str(exc)) from None
 
-    def _query(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
+    def _read(self, sql: str, args: Sequence[Any] = ()) -> list[Row]:
         """One query on a reader connection of its own: never behind the write lock."""
         try:
             db = self._readers.get_nowait()

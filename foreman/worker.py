@@ -137,6 +137,11 @@ class JobWorker:
             item = self._running.get(job_id)
             return "".join(item.pieces) if item is not None else None
 
+    def running_count(self) -> int:
+        """Jobs this worker runs now."""
+        with self._lock:
+            return len(self._running)
+
     def chunks(self, job_id: str) -> int:
         """Stream chunks a running job has received so far."""
         with self._lock:

@@ -20,6 +20,7 @@ import requests
 from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
 from foreman.store import JobStore, StoreInUse, model_key, open_store
+from tests.browser import browser_page
 from tests.conftest import LogStream, config_data
 from tests.fake_ollama import FakeOllama
 from tests.postgres import Cluster
@@ -99,8 +100,10 @@ def test_jobs_run_on_the_host_whose_target_has_their_model(
         ("first", ["registry.ollama.ai/library/alpha:latest"], []),
         ("second", ["registry.ollama.ai/library/beta:latest"], [])]
     metrics = requests.get(f"{second.url}/metrics", timeout=5).text
-    assert 'foreman_fleet_jobs_running{host="first"} 0' in metrics
-    assert 'host="second"' in metrics.split("foreman_build_info{")[1].split("}")[0]
+    assert 'foreman_jobs_running_here{host="second"} 0' in metrics
+    assert 'foreman_jobs{host="second",status="queued"} 1' in metrics  # the fleet's queue
+    series = [line for line in metrics.splitlines() if line and not line.startswith("#")]
+    assert all('host="second"' in line for line in series)  # every series says whose
 
 
 def test_a_second_live_host_with_the_same_name_is_refused(
@@ -120,6 +123,10 @@ def test_cancelling_on_one_host_aborts_the_run_on_another_within_a_second(
     hosts = requests.get(f"{asker.url}/queue", timeout=5).json()["hosts"]
     assert {h["name"]: h["running"] for h in hosts} == {
         "asker": [], "runner": [{"job_id": job["id"], "model": "alpha"}]}  # who runs what
+    with browser_page() as page:  # and the status page of either host shows it
+        page.goto(asker.url + "/status")
+        page.wait_for_selector(f"#hosts tr:has-text('runner') >> text={job['id']}")
+        assert "beta" in page.inner_text("#hosts tr:has-text('asker')")
     cancelled = requests.post(f"{asker.url}/jobs/{job['id']}/cancel", timeout=5)
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     asked_at = time.monotonic()
