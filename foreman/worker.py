@@ -247,7 +247,16 @@ class JobWorker:
         interval = self._store.lease_timeout / 3
         said: frozenset[str] | None = None
         renewed_at = -interval
+        renewed_wall = time.time()  # the wall clock counts a sleep; the monotonic may not
         while not self._stop.is_set():
+            if time.time() - renewed_wall > 2 * interval:
+                # Asleep, or cut off from the store: before another host may take them
+                # back, stop running what this host can no longer say it runs.
+                with self._lock:
+                    stranded = list(self._running)
+                for job_id in stranded:
+                    log.warning("job %s: this host's lease may have run out: cut", job_id)
+                    self.abort(job_id)
             models = self._inventory.snapshot.names
             if models != said or time.monotonic() - renewed_at >= interval:
                 try:
@@ -259,6 +268,7 @@ class JobWorker:
                         log.warning("job %s is no longer this host's to run: cut", job_id)
                         self.abort(job_id)
                     said, renewed_at = frozenset(models), time.monotonic()
+                    renewed_wall = time.time()
                     requeued, failed = self._store.expire_leases(self._max_attempts)
                     if requeued or failed:
                         log.warning("jobs of a host that stopped renewing its leases:"

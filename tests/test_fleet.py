@@ -19,7 +19,7 @@ import requests
 
 from foreman.config import parse_config
 from foreman.daemon import Daemon, build_daemon
-from foreman.store import JobStore, StoreInUse, model_key, open_store
+from foreman.store import JobStore, StoreInUse, StoreUnavailable, model_key, open_store
 from tests.browser import browser_page
 from tests.conftest import LogStream, config_data
 from tests.fake_ollama import FakeOllama
@@ -348,3 +348,21 @@ def test_new_work_wakes_an_idle_host_at_once_not_at_its_next_poll(
                                5)
         delays.append(time.monotonic() - sent)
     assert max(delays) < 0.5, delays
+
+
+def test_a_host_cut_off_from_the_store_stops_its_runs_before_its_lease_runs_out(
+        fleet: Callable[..., tuple[Daemon, FakeOllama]]) -> None:
+    """Renewals failing (the database unreachable from this host, or the host asleep):
+    its runs stop before another host may take the jobs back, never after."""
+    runner, slow = fleet("cut-off", "alpha:latest", lease_timeout="6s")
+    slow.token_delay, slow.tokens = 0.05, 2000
+    submit(runner.url, "alpha")
+    assert slow.wait_for(lambda: slow.stats.generations_active == 1, 10)
+
+    def unreachable(*_: object) -> set[str]:
+        raise StoreUnavailable("connection refused (simulated)")
+
+    runner.store.heartbeat = unreachable  # type: ignore[method-assign]
+    cut_off_at = time.monotonic()
+    assert slow.wait_for(lambda: "/api/chat" in slow.stats.gone, 8)
+    assert time.monotonic() - cut_off_at < 6.0  # the lease (6 s) had not run out
