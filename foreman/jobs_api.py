@@ -100,9 +100,9 @@ class JobsApi:
 
     def _wait_reason(self, job: Job) -> str | None:
         """Why a queued job on a shared store cannot run yet: no live host has its model."""
-        if job.status != "queued" or not self._store.shared:
+        if job.status != "queued":
             return None
-        models = self._store.fleet_models()
+        models = self._store.fleet_models()  # None: one host, whose own model check ran
         if models is None or model_key(job.model) in models:
             return None
         return (f"no live host has model '{job.model}': it runs when a host whose"

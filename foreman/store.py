@@ -61,7 +61,7 @@ class KeyTaken(Exception):
     """A backend's transaction lost a race for a unique idempotency key."""
 
 
-def _model_of(request: dict[str, Any]) -> str:
+def model_of(request: dict[str, Any]) -> str:
     """The model a job's request names, as the `model` column stores it."""
     return str(request.get("model", ""))
 
@@ -139,7 +139,7 @@ class Queued(NamedTuple):
 _AHEAD_OF = "(priority > ? OR (priority = ? AND seq < ?))"
 
 
-def _placeholders(values: Sequence[str]) -> str:
+def placeholders(values: Sequence[str]) -> str:
     """`?, ?` for an `IN (...)` clause over `values`."""
     return ",".join("?" * len(values))
 
@@ -150,7 +150,7 @@ def _for_models(available: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
         return "", ()
     if not available:
         return " AND 1 = 0", ()
-    return f" AND model_key IN ({_placeholders(available)})", tuple(available)
+    return f" AND model_key IN ({placeholders(available)})", tuple(available)
 
 
 def fingerprint(kind: str, request: dict[str, Any], priority: int, webhook: str | None) -> str:
@@ -329,7 +329,7 @@ class JobStore:
                         raise ApiError(409, "this Idempotency-Key was used for a different job")
                     return _job(row), False
             job_id = uuid.uuid4().hex
-            model = _model_of(request)
+            model = model_of(request)
             db.execute(
                 "INSERT INTO jobs (id, kind, model, model_key, status, priority, request,"
                 " webhook, idempotency_key, fingerprint, created_at)"
@@ -352,7 +352,7 @@ class JobStore:
         lane = EMBED_KINDS if job.kind in EMBED_KINDS else GENERATION_KINDS
         ahead = self._read(
             f"SELECT COUNT(*) AS ahead FROM jobs WHERE status = 'queued' AND kind IN"
-            f" ({_placeholders(lane)}) AND {_AHEAD_OF}",
+            f" ({placeholders(lane)}) AND {_AHEAD_OF}",
             (*lane, job.priority, job.priority, job.seq),
         )[0]["ahead"]
         return int(ahead) + 1
@@ -396,7 +396,7 @@ class JobStore:
         """The job `claim` would take now (with the same `available`), without taking it."""
         where, args = _for_models(available)
         rows = self._read(f"SELECT * FROM jobs WHERE status = 'queued' AND kind IN"
-                          f" ({_placeholders(kinds)}){where} AND not_before <= ?"
+                          f" ({placeholders(kinds)}){where} AND not_before <= ?"
                           " ORDER BY priority DESC, seq LIMIT 1", (*kinds, *args, self._clock()))
         return _job(rows[0]) if rows else None
 
@@ -406,7 +406,7 @@ class JobStore:
         where, args = _for_models(available)
         return [r["model"] for r in self._read(
             f"SELECT DISTINCT model FROM jobs WHERE status = 'queued'"
-            f" AND kind IN ({_placeholders(kinds)}){where} AND priority = ? AND not_before <= ?",
+            f" AND kind IN ({placeholders(kinds)}){where} AND priority = ? AND not_before <= ?",
             (*kinds, *args, priority, self._clock()))]
 
     def line(self, kinds: tuple[str, ...], ahead_of: Job | None = None,
@@ -416,7 +416,7 @@ class JobStore:
         those for these models (what this host can claim)."""
         where, models = _for_models(available)
         sql = (f"SELECT id, model, created_at, priority FROM jobs"
-               f" WHERE status = 'queued' AND kind IN ({_placeholders(kinds)}){where}")
+               f" WHERE status = 'queued' AND kind IN ({placeholders(kinds)}){where}")
         args: tuple[Any, ...] = (*kinds, *models)
         if ahead_of is not None:
             sql += f" AND {_AHEAD_OF}"
@@ -426,7 +426,7 @@ class JobStore:
 
     def next_ready_at(self, kinds: tuple[str, ...]) -> float | None:
         """When the earliest queued job of these kinds may run (None: nothing queued)."""
-        marks = _placeholders(kinds)
+        marks = placeholders(kinds)
         rows = self._read(
             f"SELECT MIN(not_before) AS ready_at FROM jobs WHERE status = 'queued'"
             f" AND kind IN ({marks})", kinds)
@@ -444,9 +444,9 @@ class JobStore:
         with `available`, only jobs for those models (canonical names: what this
         host's target has)."""
         now = self._clock()
-        where, args = f"kind IN ({_placeholders(kinds)})", (*kinds,)
+        where, args = f"kind IN ({placeholders(kinds)})", (*kinds,)
         if models and priority is not None:
-            where += f" AND priority = ? AND model IN ({_placeholders(models)})"
+            where += f" AND priority = ? AND model IN ({placeholders(models)})"
             args += (priority, *models)
         available_where, available_args = _for_models(available)
         where += available_where

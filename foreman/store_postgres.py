@@ -41,6 +41,7 @@ from .store import (
     StoreCorrupt,
     StoreInUse,
     StoreUnavailable,
+    placeholders,
 )
 
 log = logging.getLogger("foreman.store")
@@ -253,15 +254,16 @@ class PostgresStore(JobStore):
 
     def heartbeat(self, models: Iterable[str], running: Iterable[str]) -> set[str]:
         running = list(running)
+        lease, lease_args = self._lease()
         with self._write() as db:
             db.execute(f"UPDATE hosts SET seen_at = {_NOW}, models = ? WHERE name = ?",
                        (json.dumps(sorted(models)), self.host))
-            db.execute(f"UPDATE jobs SET lease_until = {_NOW} + ?"
-                       " WHERE host = ? AND status = 'running'", (self.lease_timeout, self.host))
+            db.execute(f"UPDATE jobs SET lease_until = {lease}"
+                       " WHERE host = ? AND status = 'running'", (*lease_args, self.host))
             if not running:
                 return set()
             still = db.execute(
-                f"SELECT id FROM jobs WHERE id IN ({','.join('?' * len(running))})"
+                f"SELECT id FROM jobs WHERE id IN ({placeholders(running)})"
                 " AND status = 'running' AND host = ?", (*running, self.host)).fetchall()
         return set(running) - {row["id"] for row in still}
 

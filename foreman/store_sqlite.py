@@ -30,6 +30,7 @@ from .store import (
     StoreInUse,
     StoreUnavailable,
     model_key,
+    model_of,
 )
 
 _SCHEMA = """
@@ -109,7 +110,7 @@ def _upgrade(db: sqlite3.Connection) -> None:
     for name in missing:
         db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {_ADDED_COLUMNS[name]}")
     rows = db.execute("SELECT seq, request FROM jobs").fetchall()
-    models = ((str(json.loads(row["request"]).get("model", "")), row["seq"]) for row in rows)
+    models = ((model_of(json.loads(row["request"])), row["seq"]) for row in rows)
     db.executemany("UPDATE jobs SET model = ?, model_key = ? WHERE seq = ?",
                    ((model, model_key(model), seq) for model, seq in models))
     db.execute("COMMIT")
